@@ -1,0 +1,262 @@
+"""Reading rasters (GeoTIFF and anything GDAL reads, ``.npy``, ``.mat``) and writing outputs atomically.
+
+Every reading problem becomes a one-line :class:`RasterError` that names the file and the problem.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+from affine import Affine
+
+LABEL_KEYS = ("label", "labels", "gt", "TRLabel", "TSLabel", "mask_train", "mask_test",
+              "trainlabels", "testlabels", "TrainImage", "TestImage")
+GDAL_SUFFIXES = {".tif", ".tiff", ".img", ".vrt", ".jp2", ".hdr", ".dat", ".bsq", ".bil", ".bip", ".nc"}
+
+
+class InputError(ValueError):
+    """Bad input (data or configuration) that the user must fix; reported as one line, no traceback."""
+
+    latest: "InputError | None" = None  # the CLI finds it even when a library re-wraps the exception
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        InputError.latest = self
+
+
+class RasterError(InputError):
+    """A raster (or label map) that cannot be used as it is; the message names the file."""
+
+
+@dataclass
+class Raster:
+    """A raster in memory: ``data`` is (bands, rows, cols); ``valid`` marks pixels usable as data."""
+
+    path: str
+    data: np.ndarray
+    valid: np.ndarray
+    crs: rasterio.crs.CRS | None = None
+    transform: Affine | None = None
+    nodata: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[1], self.data.shape[2]
+
+    @property
+    def bands(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None and self.transform is not None and self.transform != Affine.identity()
+
+
+@dataclass
+class RasterHeader:
+    """What can be known about a raster without reading its pixels."""
+
+    path: str
+    bands: int
+    shape: tuple[int, int]
+    crs: rasterio.crs.CRS | None = None
+    transform: Affine | None = None
+
+
+def _check_exists(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise RasterError(f"{path}: file not found")
+    if path.is_dir():
+        raise RasterError(f"{path}: is a directory, expected a raster file")
+    return path
+
+
+def _to_chw(array: np.ndarray, path: Path, channels_last: bool) -> np.ndarray:
+    """Arrays from .npy/.mat files are (H, W) or (H, W, C) like the benchmark releases."""
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim == 3:
+        return np.moveaxis(array, -1, 0) if channels_last else array
+    raise RasterError(f"{path}: expected a 2-D or 3-D array, got shape {array.shape}")
+
+
+def _load_mat(path: Path, key: str | None) -> np.ndarray:
+    import scipy.io
+
+    try:
+        contents = scipy.io.loadmat(path)
+        arrays = {k: v for k, v in contents.items() if not k.startswith("__")}
+    except NotImplementedError:  # MATLAB v7.3 files are HDF5
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            # h5py sees MATLAB arrays transposed (column-major storage)
+            arrays = {k: np.asarray(f[k]).T for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    except (ValueError, OSError, TypeError) as err:
+        raise RasterError(f"{path}: cannot read .mat file ({err})") from None
+    if key is not None:
+        if key not in arrays:
+            raise RasterError(f"{path}: no key {key!r} in .mat file; keys found: {sorted(arrays)}")
+        return np.asarray(arrays[key])
+    candidates = [k for k, v in arrays.items() if isinstance(v, np.ndarray) and v.ndim in (2, 3)]
+    if len(candidates) != 1:
+        raise RasterError(f"{path}: cannot tell which array to use, pass a key; keys found: {sorted(arrays)}")
+    return np.asarray(arrays[candidates[0]])
+
+
+def split_key(path: str | os.PathLike) -> tuple[str, str | None]:
+    """``"data.mat:HSI"`` names the array ``HSI`` inside ``data.mat``."""
+    text = str(path)
+    head, sep, tail = text.rpartition(":")
+    if sep and head.lower().endswith(".mat") and tail and "/" not in tail:
+        return head, tail
+    return text, None
+
+
+def read_header(path: str | os.PathLike) -> RasterHeader:
+    """Band count, grid shape and georeferencing, reading as little as possible."""
+    file, key = split_key(path)
+    p = _check_exists(file)
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(p, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise RasterError(f"{p}: cannot read .npy file ({err})") from None
+        chw = _to_chw(arr, p, channels_last=True)
+        return RasterHeader(str(path), chw.shape[0], (chw.shape[1], chw.shape[2]))
+    if suffix == ".mat":
+        chw = _to_chw(_load_mat(p, key), p, channels_last=True)
+        return RasterHeader(str(path), chw.shape[0], (chw.shape[1], chw.shape[2]))
+    try:
+        with rasterio.open(p) as src:
+            return RasterHeader(str(path), src.count, (src.height, src.width), src.crs, src.transform)
+    except RasterioError as err:
+        raise RasterError(f"{p}: not a raster GDAL can open ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """GDAL's useful detail often sits in the chained cause ("See previous exception")."""
+    cause = err.__cause__ or err.__context__
+    if cause is not None and "previous exception" in str(err):
+        err = cause
+    text = str(err.args[-1] if err.args else err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def same_crs(a, b) -> bool:
+    """Equivalent CRSs written differently (EPSG code vs PROJ string vs WKT) count as the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a == b:
+        return True
+    code_a, code_b = a.to_epsg(), b.to_epsg()
+    return code_a is not None and code_a == code_b
+
+
+def read_raster(path: str | os.PathLike, nodata: float | None = None) -> Raster:
+    """Read a whole raster as (bands, rows, cols) with its validity mask.
+
+    A pixel is invalid when any band is NaN/inf or equals the nodata value (the file's own, or
+    ``nodata`` given here, which wins). Invalid pixels are never used as samples or labels and their
+    raw values never reach a network.
+    """
+    file, key = split_key(path)
+    p = _check_exists(file)
+    suffix = p.suffix.lower()
+    crs = transform = None
+    if suffix in (".npy", ".mat"):
+        try:
+            array = np.load(p) if suffix == ".npy" else _load_mat(p, key)
+        except (ValueError, OSError) as err:
+            raise RasterError(f"{p}: cannot read .npy file ({err})") from None
+        data = _to_chw(np.asarray(array), p, channels_last=True)
+    else:
+        try:
+            with rasterio.open(p) as src:
+                data = src.read()
+                crs, transform = src.crs, src.transform
+                if nodata is None:
+                    nodata = src.nodata
+        except RasterioError as err:
+            raise RasterError(f"{p}: unreadable or corrupt raster ({_first_line(err)})") from None
+    if data.dtype.kind not in "biuf":
+        raise RasterError(f"{p}: unsupported data type {data.dtype}")
+    valid = np.ones(data.shape[1:], dtype=bool)
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    if nodata is not None and not np.isnan(nodata) and _representable(nodata, data.dtype):
+        valid &= ~(data == np.asarray(nodata, dtype=data.dtype)).any(axis=0)
+    return Raster(str(path), data, valid, crs, transform, nodata)
+
+
+def _representable(value: float, dtype: np.dtype) -> bool:
+    if np.dtype(dtype).kind == "f":
+        return True
+    info = np.iinfo(dtype)
+    return float(value).is_integer() and info.min <= value <= info.max
+
+
+def read_labels(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, Raster]:
+    """Read a label raster: 0 = unlabelled, 1..K = classes. Returns (int64 (rows, cols), raster)."""
+    raster = read_raster(path)
+    if raster.bands != 1:
+        raise RasterError(f"{path}: a label raster must have 1 band, found {raster.bands}")
+    values = raster.data[0]
+    if values.dtype.kind == "f":
+        finite = values[np.isfinite(values)]
+        if not np.array_equal(finite, np.round(finite)):
+            raise RasterError(f"{path}: label values must be whole numbers, found fractional values")
+    labels = np.where(raster.valid, np.nan_to_num(values, nan=0), 0).astype(np.int64)
+    if raster.nodata is not None and not np.isnan(raster.nodata) and raster.nodata != 0:
+        labels[~raster.valid] = 0
+    if labels.min() < 0:
+        raise RasterError(f"{path}: negative label value {labels.min()} (0 = unlabelled, 1..K = classes)")
+    if num_classes is not None and labels.max() > num_classes:
+        raise RasterError(f"{path}: label value {labels.max()} is above the number of classes ({num_classes})")
+    return labels, raster
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    A crash mid-write leaves the old file (or none), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_geotiff(path: str | os.PathLike, data: np.ndarray, crs=None, transform: Affine | None = None,
+                  nodata: float | None = None, colormap: dict[int, Sequence[int]] | None = None,
+                  descriptions: Sequence[str] | None = None) -> None:
+    """Write (bands, rows, cols) or (rows, cols) ``data`` as a GeoTIFF, atomically."""
+    data = data[None] if data.ndim == 2 else data
+    profile = dict(driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
+                   dtype=data.dtype, crs=crs, transform=transform or Affine.identity(), nodata=nodata)
+    if data.shape[1] >= 256 and data.shape[2] >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+            if colormap is not None:
+                dst.write_colormap(1, {int(k): tuple(v) for k, v in colormap.items()})
+            if descriptions is not None:
+                for i, text in enumerate(descriptions, start=1):
+                    dst.set_band_description(i, text)

@@ -1,0 +1,7 @@
+"""LightningModules of rsfusion: pure networks live in ``lightning_modules.networks``."""
+from lightning_modules.base import FusionClassifier
+from lightning_modules.baseline import TwoBranchCNN
+from lightning_modules.das2f import DAS2F
+from lightning_modules.maps import ClassificationMapWriter
+
+__all__ = ["ClassificationMapWriter", "DAS2F", "FusionClassifier", "TwoBranchCNN"]

@@ -1,0 +1,185 @@
+"""``FusionClassifier``: the LightningModule every model of the suite builds on.
+
+Subclasses build their network in ``__init__`` and implement :meth:`forward` (a batch dict of
+modality tensors -> logits, (B, K) for pixel sampling or (B, K, H, W) for tile sampling). They may
+override :meth:`training_loss` (extra heads, auxiliary terms) and :meth:`parameter_groups`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
+                                         MulticlassConfusionMatrix)
+
+from datamodules.io import InputError
+from datamodules.sampling import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """OA (overall accuracy), AA (mean per-class recall) and Cohen's kappa, ignoring unlabelled pixels."""
+    return MetricCollection({
+        "OA": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX),
+        "AA": MulticlassAccuracy(num_classes, average="macro", ignore_index=IGNORE_INDEX),
+        "kappa": MulticlassCohenKappa(num_classes, ignore_index=IGNORE_INDEX),
+    })
+
+
+class FusionClassifier(L.LightningModule):
+    """Shared training/evaluation logic: loss, optimiser, schedule, OA/AA/kappa, per-class accuracy.
+
+    Args:
+        in_channels: modality name -> band count (linked from the DataModule by the CLI).
+        num_classes: number of classes K (linked from the DataModule).
+        class_names: names of the K classes, for per-class metrics and maps (linked).
+        lr, weight_decay: optimiser settings; no decay on biases and normalisation weights.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9).
+        scheduler: ``cosine`` (per step, to 0 at the end of training, after ``warmup_steps``),
+            ``step_decay`` (lr x ``step_decay_gamma`` after every optimiser step, DAS2F's recipe) or
+            ``none``.
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: optional per-class loss weights (length K).
+    """
+
+    dense_output: bool = False  # True for models that predict whole tiles (tile sampling)
+
+    def __init__(
+        self,
+        in_channels: dict[str, int],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        scheduler: Literal["cosine", "step_decay", "none"] = "cosine",
+        warmup_steps: int = 0,
+        step_decay_gamma: float = 0.9995,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()  # collects the subclass's arguments too
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} entries for {num_classes} classes")
+        self.in_channels = dict(in_channels)
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [f"class {k}" for k in range(1, num_classes + 1)]
+        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
+        self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
+        self.test_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+
+    # ----------------------------------------------------------------- what subclasses may override
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_INDEX,
+                               label_smoothing=self.hparams.get("label_smoothing", 0.0))
+
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and extra named terms to log (override for auxiliary losses)."""
+        return self.cross_entropy(self(batch), batch["label"]), {}
+
+    def predict_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits used for evaluation and maps (override when prediction differs from ``forward``)."""
+        return self(batch)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """No weight decay on biases and normalisation weights (any parameter with one dimension)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        if getattr(dm, "dense", self.dense_output) != self.dense_output:
+            want = "tile" if self.dense_output else "pixel"
+            raise InputError(f"{type(self).__name__} needs data.sampling={want!r}, the DataModule uses "
+                             f"{getattr(dm, 'sampling', '?')!r}")
+        data_channels = getattr(dm, "in_channels", None)
+        if data_channels is not None and dict(data_channels) != self.in_channels:
+            raise InputError(f"band counts differ: the data has {dict(data_channels)}, the model (checkpoint) "
+                             f"expects {self.in_channels}")
+
+    def on_fit_start(self) -> None:
+        leakage = getattr(getattr(self.trainer, "datamodule", None), "leakage", None)
+        if leakage is not None and self.logger is not None:
+            self.logger.log_metrics({"data/test_pixels_in_train_patches": float(leakage)}, step=0)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, terms = self.training_loss(batch)
+        size = batch["label"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self.predict_logits(batch)
+        self.log("val/loss", self.cross_entropy(logits, batch["label"]), batch_size=batch["label"].shape[0])
+        self.val_metrics.update(logits.argmax(1), batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        preds = self.predict_logits(batch).argmax(1)
+        self.test_metrics.update(preds, batch["label"])
+        self.test_per_class.update(preds, batch["label"])
+        self.test_confusion.update(preds, batch["label"])
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        per_class = self.test_per_class.compute()
+        self.log_dict({f"test/acc_{name}": acc for name, acc in zip(self.class_names, per_class)}, sync_dist=True)
+        self.confusion_matrix = self.test_confusion.compute().cpu()
+        for metric in (self.test_metrics, self.test_per_class, self.test_confusion):
+            metric.reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> Batch:
+        out = {"pred": self.predict_logits(batch).argmax(1)}
+        for key in ("index", "origin", "owned"):
+            if key in batch:
+                out[key] = batch[key]
+        return out
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.parameter_groups(hp.weight_decay)
+        if hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        elif hp.optimizer == "adam":
+            # Adam's weight_decay is L2 added to the gradient, as in the papers' recipes.
+            opt = torch.optim.Adam(groups, lr=hp.lr)
+        else:
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9)
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "step_decay":
+            gamma = hp.step_decay_gamma
+            factor = lambda step: gamma ** step  # noqa: E731
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warmup = hp.warmup_steps
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

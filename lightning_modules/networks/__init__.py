@@ -1,0 +1,1 @@
+"""Pure nn.Module networks of the suite: no training logic here."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny synthetic scenes written as real GeoTIFFs, and the real rasters of ../shared."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REAL_RASTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-rasters"
+
+
+@pytest.fixture(scope="session")
+def real_rasters() -> Path:
+    if not (REAL_RASTERS / "RGB.byte.tif").exists():
+        pytest.skip(f"real test rasters not found at {REAL_RASTERS} (they ship beside the project in CI only)")
+    return REAL_RASTERS
+
+
+def write_tif(path: Path, data: np.ndarray, res: float = 10.0, origin=(500_000.0, 4_000_000.0),
+              crs: str = "EPSG:32632", nodata=None) -> Path:
+    data = data[None] if data.ndim == 2 else data
+    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
+                       dtype=data.dtype, crs=crs, transform=from_origin(*origin, res, res), nodata=nodata) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hsi_scene(tmp_path_factory) -> dict[str, Path]:
+    """A small synthetic HSI + DSM scene (the generator the demo uses, at test size)."""
+    from datamodules.synthetic import ensure_scene
+
+    return ensure_scene(tmp_path_factory.mktemp("scenes"), "hsi_dsm", seed=0, height=40, width=48, bands=8,
+                        train_per_class=15)
