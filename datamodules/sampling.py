@@ -51,7 +51,7 @@ class PixelPatchDataset(Dataset):
         self.rows, self.cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.offset = scene.pad - (patch_size - 1) // 2
-        self.views = _windows(scene, patch_size)
+        self.scene, self.size = scene, patch_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,7 +59,8 @@ class PixelPatchDataset(Dataset):
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         rows, cols = self.rows[idx], self.cols[idx]
-        batch = _gather(self.views, rows + self.offset, cols + self.offset)
+        # views are O(1) to make, and modalities may be added to the scene later (feature banks)
+        batch = _gather(_windows(self.scene, self.size), rows + self.offset, cols + self.offset)
         if self.labels is not None:
             batch["label"] = torch.from_numpy(self.labels[idx])
         else:
@@ -119,7 +120,7 @@ class TileDataset(Dataset):
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         self.keep = np.zeros_like(self.origins) if keep is None else np.asarray(keep, dtype=np.int64)
         self.tile, self.pad = tile, scene.pad
-        self.views = _windows(scene, tile)
+        self.scene = scene
         h, w = scene.shape
         # Owned-pixel masks need the image border: pixels beyond it belong to no tile.
         inside = np.zeros((h + 2 * tile, w + 2 * tile), dtype=bool)
@@ -154,7 +155,7 @@ class TileDataset(Dataset):
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         y, x = self.origins[idx, 0], self.origins[idx, 1]
-        batch = _gather(self.views, y + self.pad, x + self.pad)
+        batch = _gather(_windows(self.scene, self.tile), y + self.pad, x + self.pad)
         owned = self._owned(idx)
         if self.labels is not None:
             target = np.where(owned, self.labels[y + self.tile, x + self.tile], IGNORE_INDEX)

@@ -153,6 +153,14 @@ class Scene:
     def in_channels(self) -> dict[str, int]:
         return {name: arr.shape[0] for name, arr in self.data.items()}
 
+    def add(self, name: str, cube: np.ndarray) -> None:
+        """Add a (C, H, W) cube on the reference grid (e.g. a feature bank) as one more modality."""
+        if cube.ndim != 3 or cube.shape[1:] != self.shape:
+            raise ValueError(f"{name}: expected a (C, {self.shape[0]}, {self.shape[1]}) cube, got {cube.shape}")
+        pad = self.pad
+        self.data[name] = np.pad(cube, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+        self.ratios[name] = 1
+
 
 def _block_mask(mask: np.ndarray, ratio: int) -> np.ndarray:
     return mask if ratio == 1 else np.repeat(np.repeat(mask, ratio, axis=0), ratio, axis=1)

@@ -26,7 +26,7 @@ from datamodules.raster import RasterDataModule
 from datamodules.splits import block_split
 
 SceneKind = Literal["hsi_dsm", "hsi_sar", "ms_pan"]
-VERSION = 1
+VERSION = 2
 CRS_UTM32N = CRS.from_epsg(32632)
 HSI_CLASSES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
 MSPAN_CLASSES = ["Dense urban", "Sparse urban", "Meadow", "Crops", "Bare soil", "Water"]
@@ -52,15 +52,17 @@ def _smooth_field(shape, rng, sigma, scale) -> np.ndarray:
     return scale * field / (field.std() + 1e-12)
 
 
-def _split_maps(gt: np.ndarray, train_per_class: int, rng: np.random.Generator, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spatially disjoint train/test maps: blocks for test, a few sampled pixels per class for training."""
+def _split_maps(gt: np.ndarray, train_per_class: int, rng: np.random.Generator, seed: int):
+    """Spatially disjoint train/test maps: blocks for test; training and validation pixels sampled
+    per class (``train_per_class`` and half as many, disjoint) from the remaining area."""
     train_area, test = block_split(gt, fraction=0.5, block_size=max(8, gt.shape[0] // 8), seed=seed, guard=2)
-    train = np.zeros_like(gt)
+    train, val = np.zeros_like(gt), np.zeros_like(gt)
     for k in np.unique(train_area[train_area > 0]):
-        coords = np.flatnonzero(train_area == k)
-        take = rng.choice(coords, size=min(train_per_class, coords.size), replace=False)
-        train.flat[take] = k
-    return train, test
+        coords = rng.permutation(np.flatnonzero(train_area == k))
+        n_train = min(train_per_class, max(1, coords.size // 2))
+        train.flat[coords[:n_train]] = k
+        val.flat[coords[n_train:n_train + max(1, train_per_class // 2)]] = k
+    return train, val, test
 
 
 def _spectra(bands: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -106,15 +108,15 @@ def make_hsi_scene(root: str | Path, second: Literal["dsm", "sar"] = "dsm", heig
         lin = 10 ** (np.stack([vv, vv - 6.0]) / 10) * speckle
         aux = (10 * np.log10(lin)).astype(np.float32)
         aux_desc = ["VV (dB)", "VH (dB)"]
-    train, test = _split_maps(gt, train_per_class, rng, seed)
+    train, val, test = _split_maps(gt, train_per_class, rng, seed)
     transform = from_origin(600_000.0, 5_350_000.0, 2.5, 2.5)
     root = Path(root)
     paths = {"hsi": root / "hsi.tif", second: root / f"{second}.tif", "train": root / "train.tif",
-             "test": root / "test.tif"}
+             "val": root / "val.tif", "test": root / "test.tif"}
     write_geotiff(paths["hsi"], hsi, CRS_UTM32N, transform, descriptions=[f"band {i + 1}" for i in range(bands)])
     write_geotiff(paths[second], aux, CRS_UTM32N, transform, descriptions=aux_desc)
-    write_geotiff(paths["train"], train, CRS_UTM32N, transform)
-    write_geotiff(paths["test"], test, CRS_UTM32N, transform)
+    for key, labels in (("train", train), ("val", val), ("test", test)):
+        write_geotiff(paths[key], labels, CRS_UTM32N, transform)
     return paths
 
 
@@ -151,16 +153,17 @@ def make_mspan_scene(root: str | Path, height: int = 64, width: int = 80, ratio:
         pan[where] *= 1 + amplitude * _texture(fine, period, rng, kind)[where]
     pan += 0.01 * rng.standard_normal(fine)
     to_dn = lambda x: np.clip(x * 1000 + 100, 0, 65535).astype(np.uint16)  # noqa: E731 (integer DNs like the sensors)
-    train, test = _split_maps(gt, train_per_class, rng, seed)
+    train, val, test = _split_maps(gt, train_per_class, rng, seed)
     root = Path(root)
-    paths = {"ms": root / "ms4.tif", "pan": root / "pan.tif", "train": root / "train.npy", "test": root / "test.npy"}
+    paths = {"ms": root / "ms4.tif", "pan": root / "pan.tif", "train": root / "train.npy", "val": root / "val.npy",
+             "test": root / "test.npy"}
     write_geotiff(paths["ms"], to_dn(ms), CRS_UTM32N, from_origin(500_000.0, 4_000_000.0, 4.0, 4.0),
                   descriptions=["blue", "green", "red", "nir"])
     write_geotiff(paths["pan"], to_dn(pan)[None], CRS_UTM32N, from_origin(500_000.0, 4_000_000.0, 4.0 / ratio, 4.0 / ratio))
-    for key in ("train", "test"):
+    for key, labels in (("train", train), ("val", val), ("test", test)):
         with atomic_path(paths[key]) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, (train if key == "train" else test).astype(np.uint8))
+                np.save(f, labels.astype(np.uint8))
     return paths
 
 
@@ -190,7 +193,8 @@ class SyntheticDataModule(RasterDataModule):
         root: where the scene's GeoTIFFs are written (and reused from).
         scene_seed: the scene generator's seed (independent of the training seed).
         scene_height, scene_width: the scene size on the reference (coarsest) grid.
-        train_per_class: training pixels drawn per class.
+        train_per_class: training pixels drawn per class (and half as many validation pixels, from
+            the same, training side of the scene; the test side is spatially disjoint).
         **kwargs: any :class:`RasterDataModule` option (patch_size, sampling, batch_size, ...).
     """
 
@@ -203,8 +207,9 @@ class SyntheticDataModule(RasterDataModule):
         if scene_width is not None:
             size["width"] = scene_width
         paths = ensure_scene(root, kind, scene_seed, **size)
-        modalities = {name: str(p) for name, p in paths.items() if name not in ("train", "test")}
+        modalities = {name: str(p) for name, p in paths.items() if name not in ("train", "val", "test")}
         if not kwargs.get("class_names"):
             kwargs["class_names"] = MSPAN_CLASSES if kind == "ms_pan" else HSI_CLASSES
+        kwargs["val_labels"] = kwargs.get("val_labels") or str(paths["val"])
         super().__init__(modalities=modalities, train_labels=str(paths["train"]), test_labels=str(paths["test"]),
                          **kwargs)

@@ -38,6 +38,9 @@ class FusionClassifier(L.LightningModule):
         in_channels: modality name -> band count (linked from the DataModule by the CLI).
         num_classes: number of classes K (linked from the DataModule).
         class_names: names of the K classes, for per-class metrics and maps (linked).
+        patch_size: the DataModule's patch/tile size (linked; recorded in checkpoints).
+        dense: whether the DataModule samples tiles (linked); a model that cannot predict dense
+            tiles (or only can) refuses the other sampling with a clear error.
         lr, weight_decay: optimiser settings; no decay on biases and normalisation weights.
         optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9).
         scheduler: ``cosine`` (per step, to 0 at the end of training, after ``warmup_steps``),
@@ -48,12 +51,15 @@ class FusionClassifier(L.LightningModule):
     """
 
     dense_output: bool = False  # True for models that predict whole tiles (tile sampling)
+    flexible_output: bool = False  # True for models that can do either (set dense_output per instance)
 
     def __init__(
         self,
         in_channels: dict[str, int],
         num_classes: int,
         class_names: list[str] | None = None,
+        patch_size: int | None = None,
+        dense: bool | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
@@ -69,7 +75,11 @@ class FusionClassifier(L.LightningModule):
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} entries for {num_classes} classes")
+        if dense is not None and dense != self.dense_output and not self.flexible_output:
+            want = "tile" if self.dense_output else "pixel"
+            raise InputError(f"{type(self).__name__} needs data.sampling={want!r}")
         self.in_channels = dict(in_channels)
+        self.patch_size = patch_size
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [f"class {k}" for k in range(1, num_classes + 1)]
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)

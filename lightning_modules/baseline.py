@@ -20,9 +20,11 @@ class TwoBranchCNN(FusionClassifier):
         **kwargs: :class:`FusionClassifier` options (in_channels, num_classes, lr, ...).
     """
 
+    flexible_output = True
+
     def __init__(self, use_modalities: list[str] | None = None, width: int = 64, dense: bool = False,
                  dropout: float = 0.2, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(dense=dense, **kwargs)
         used = list(use_modalities or self.in_channels)
         unknown = [m for m in used if m not in self.in_channels]
         if unknown:

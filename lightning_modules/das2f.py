@@ -34,7 +34,8 @@ class DAS2F(FusionClassifier):
                  dominant_features: bool = True, fusion: Literal["aalf", "concat"] = "aalf",
                  lr: float = 1.93e-4, weight_decay: float = 5e-4, optimizer: str = "adam",
                  scheduler: str = "step_decay", **kwargs):
-        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, scheduler=scheduler, **kwargs)
+        super().__init__(patch_size=patch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                         scheduler=scheduler, **kwargs)
         missing = [m for m in (ms, pan) if m not in self.in_channels]
         if missing:
             raise InputError(f"DAS2F: modalities {missing} not in the data's {list(self.in_channels)} "

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.transform import from_origin
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The tests use tiny tensors, for which thread start-up costs far more than it saves.
+torch.set_num_threads(1)
 
 REAL_RASTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-rasters"
 

@@ -65,6 +65,11 @@ def test_fit_tests_and_writes_a_georeferenced_map_then_predict_from_checkpoint(t
     assert (run / "predictions" / "classification_map.png").stat().st_size > 1000
 
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
+    from lightning_modules import TwoBranchCNN
+
+    restored = TwoBranchCNN.load_from_checkpoint(ckpt)  # outside the CLI too
+    assert restored.in_channels == {"hsi": 48, "dsm": 1} and restored.class_names[0] == "Trees"
+    assert restored.patch_size == 5
     test = _run([_script("rsfusion"), "test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert f"{test_oa[0]:.6f}"[:6] in test.stdout  # the same best checkpoint gives the same OA

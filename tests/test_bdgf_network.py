@@ -1,0 +1,433 @@
+"""Tests of the BDGF networks: DDPM + masking (stage 1), feature cube (1b), guided branches (2)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.networks.bdgf import (
+    BDGFNet,
+    CNNBranch,
+    MambaBranch,
+    TransformerBranch,
+    bdgf_loss,
+    channel_shuffle,
+    dml_kl_loss,
+    entropy_gap_loss,
+    feature_similarity_loss,
+    warmup_weight,
+)
+from lightning_modules.networks.bdgf_diffusion import (
+    DiffusionSchedule,
+    ModalityMaskingController,
+    MultimodalDenoiserUNet,
+    ddpm_training_loss,
+    denoising_loss,
+    draw_channel_mask,
+    extract_feature_cube,
+    feature_cube_channels,
+    scene_noise,
+)
+
+MODS = {"hsi": 6, "sar": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny ops run ~100x faster single-threaded on shared, oversubscribed CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+K, P, D = 3, 5, 16
+
+
+def tiny_unet(**kwargs):
+    cfg = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+               attention_heads=2, stem_channels=4, norm_groups=4, dropout=0.0)
+    cfg.update(kwargs)
+    return MultimodalDenoiserUNet(MODS, **cfg)
+
+
+def patches(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(batch, c, P, P, generator=g) for n, c in MODS.items()}
+
+
+def guides(batch=4, seed=1, channels=(8, 12, 10)):
+    g = torch.Generator().manual_seed(seed)
+    return {b: torch.randn(batch, c, P, P, generator=g) for b, c in zip(("cnn", "mamba", "transformer"), channels)}
+
+
+def tiny_net(**kwargs):
+    cfg = dict(guide_channels={"cnn": 8, "mamba": 12, "transformer": 10}, patch_size=P, dim=D, proj_dim=8,
+               mamba_kwargs=dict(d_state=4), transformer_kwargs=dict(heads=2))
+    cfg.update(kwargs)
+    return BDGFNet(MODS, K, **cfg)
+
+
+# ------------------------------------------------------------------ stage 1: schedule and UNet
+def test_schedule_matches_closed_form():
+    sch = DiffusionSchedule(1000)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    assert sch.betas.shape == (1000,)
+    assert sch.betas[0].item() == pytest.approx(1e-4) and sch.betas[-1].item() == pytest.approx(0.02)
+    torch.testing.assert_close(sch.alphas_cumprod.double(), abar, rtol=1e-5, atol=1e-7)
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    t = torch.tensor([0, 499, 999])
+    expected = abar[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * noise
+    torch.testing.assert_close(sch.q_sample(x0, t, noise).double(), expected, rtol=1e-5, atol=1e-6)
+
+    # empirical moments of q(x_t | x0) for a constant x0 = 0.7
+    n = 200_000
+    for step in (10, 300, 900):
+        xt = sch.q_sample(torch.full((n, 1), 0.7), torch.full((n,), step), torch.randn(n, 1, generator=g))
+        assert xt.mean().item() == pytest.approx(0.7 * abar[step].sqrt().item(), abs=0.01)
+        assert xt.var().item() == pytest.approx(1 - abar[step].item(), abs=0.01)
+
+    with pytest.raises(ValueError, match="t must lie"):
+        sch.q_sample(x0, torch.tensor([0, 1, 1000]), noise)
+    with pytest.raises(ValueError, match="schedule"):
+        DiffusionSchedule(10, schedule="quadratic")
+    cosine = DiffusionSchedule(100, schedule="cosine")
+    assert torch.all(cosine.alphas_cumprod[1:] < cosine.alphas_cumprod[:-1])
+
+
+def test_unet_shapes_features_and_parameter_count():
+    net = tiny_unet()
+    x = torch.randn(2, 8, 16, 12)
+    eps, feats = net(x, torch.tensor([1, 40]), return_features=True)
+    assert eps.shape == x.shape
+    assert net.feature_channels == {0: 8, 1: 16}
+    assert {lvl: tuple(f.shape) for lvl, f in feats.items()} == {0: (2, 8, 16, 12), 1: (2, 16, 8, 6)}
+    only_deep = net(x, torch.tensor([1, 40]), return_features=True, feature_levels=(1,))[1]
+    torch.testing.assert_close(only_deep[1], feats[1])
+    assert list(only_deep) == [1]
+    with pytest.raises(ValueError, match="timesteps"):
+        net(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        net(torch.randn(1, 8, 15, 16), torch.tensor([0]))
+    with pytest.raises(ValueError, match="x_t must be"):
+        net(torch.randn(1, 7, 16, 16), torch.tensor([0]))
+
+    with torch.device("meta"):
+        default = MultimodalDenoiserUNet({"hsi": 30, "sar": 4})
+        eps, feats = default(torch.empty(2, 34, 32, 32), torch.zeros(2, dtype=torch.long), return_features=True)
+    assert eps.shape == (2, 34, 32, 32)
+    assert {lvl: tuple(f.shape) for lvl, f in feats.items()} == {0: (2, 64, 32, 32), 1: (2, 128, 16, 16),
+                                                                 2: (2, 128, 8, 8)}  # spec section 5
+    n_params = sum(p.numel() for p in default.parameters())
+    assert n_params == 6_526_468  # spec 4.1 expects 6-9 M
+    assert default.feature_channels == {0: 64, 1: 128, 2: 128}
+    assert default.downsample_factor == 4
+
+
+# ------------------------------------------------------------------ stage 1: loss and masking
+def test_per_modality_loss_is_invariant_to_duplicating_bands():
+    g = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(4, 8, 6, 6, generator=g), torch.randn(4, 8, 6, 6, generator=g)
+    pred[:, :6] += 1.0  # make the spectral modality's error much larger than the SAR one's
+    dup_pred = torch.cat([pred[:, :6], pred[:, :6], pred[:, 6:]], dim=1)
+    dup_eps = torch.cat([eps[:, :6], eps[:, :6], eps[:, 6:]], dim=1)
+
+    loss, per_sample = denoising_loss(pred, eps, {"hsi": 6, "sar": 2})
+    dup_loss, dup_per_sample = denoising_loss(dup_pred, dup_eps, {"hsi": 12, "sar": 2})
+    torch.testing.assert_close(dup_loss, loss)
+    torch.testing.assert_close(dup_per_sample, per_sample)
+    torch.testing.assert_close(loss, per_sample.mean())
+
+    chan, _ = denoising_loss(pred, eps, [6, 2], weighting="per_channel")
+    dup_chan, _ = denoising_loss(dup_pred, dup_eps, [12, 2], weighting="per_channel")
+    torch.testing.assert_close(chan, F.mse_loss(pred, eps))
+    assert dup_chan > chan + 0.05  # per-channel weighting lets the duplicated modality dominate
+    with pytest.raises(ValueError, match="weighting"):
+        denoising_loss(pred, eps, [6, 2], weighting="per_pixel")
+
+
+def feed(controller, loss_fns, steps):
+    for k in range(steps):
+        controller.step(torch.tensor([fn(k) for fn in loss_fns]))
+
+
+def test_masking_controller_masks_the_faster_learner_more():
+    fast, slow = (lambda k: 0.97 ** k), (lambda k: 0.999 ** k)
+    ctrl = ModalityMaskingController(["hsi", "sar"], window=10, ema_momentum=0.5)
+    assert ctrl.probabilities == pytest.approx({"hsi": 0.3, "sar": 0.1})
+    feed(ctrl, [fast, slow], 60)
+    assert int(ctrl.num_updates) == 5
+    assert ctrl.rho[0] > 1 > ctrl.rho[1]
+    assert ctrl.probabilities["hsi"] > 0.3 + 0.04 and ctrl.probabilities["sar"] < 0.1
+    assert ctrl.probabilities["sar"] >= ctrl.p_min
+
+    swapped = ModalityMaskingController(["hsi", "sar"], window=10, ema_momentum=0.5)
+    feed(swapped, [slow, fast], 60)
+    assert swapped.probabilities["sar"] > 0.1 + 0.04 and swapped.probabilities["hsi"] < 0.3
+    assert set(swapped.log_state()) == {"p_mask/hsi", "p_mask/sar", "ema_loss/hsi", "ema_loss/sar",
+                                        "rho/hsi", "rho/sar"}
+
+    fixed = ModalityMaskingController(["hsi", "sar"], mode="random_fixed", window=10, ema_momentum=0.5)
+    feed(fixed, [fast, slow], 60)
+    assert fixed.probabilities == pytest.approx({"hsi": 0.3, "sar": 0.1}) and fixed.rho[0] > 1
+    none = ModalityMaskingController(["hsi", "sar"], mode="none")
+    assert none.probabilities == {"hsi": 0.0, "sar": 0.0}
+    assert not none.sample_mask(100).any()
+
+    # state survives a checkpoint round trip
+    restored = ModalityMaskingController(["hsi", "sar"], window=10, ema_momentum=0.5)
+    restored.load_state_dict(ctrl.state_dict())
+    assert restored.probabilities == ctrl.probabilities
+
+    # gradient-norm criterion: the modality with the larger stem gradients is masked more
+    by_grad = ModalityMaskingController(["hsi", "sar"], window=5, criterion="grad_norm")
+    feed(by_grad, [lambda k: 2.0, lambda k: 1.0], 6)
+    assert by_grad.rho.tolist() == pytest.approx([2.0, 0.5])
+    assert by_grad.probabilities == pytest.approx({"hsi": 0.35, "sar": 0.075})
+
+    with pytest.raises(ValueError, match="single modality"):
+        ModalityMaskingController(["hsi"])
+    with pytest.raises(ValueError, match="mode"):
+        ModalityMaskingController(["hsi", "sar"], mode="always")
+
+
+def test_masking_never_hides_every_modality_and_matches_probabilities():
+    g = torch.Generator().manual_seed(0)
+    ctrl = ModalityMaskingController(["hsi", "sar"], initial_probabilities=(0.45, 0.45))
+    masks = ctrl.sample_mask(20_000, generator=g)
+    assert masks.shape == (20_000, 2) and masks.dtype == torch.bool
+    assert masks.sum(dim=1).max() == 1
+    assert masks.float().mean(dim=0).tolist() == pytest.approx([0.45, 0.45], abs=0.015)
+
+    three = ModalityMaskingController(["hsi", "sar", "dsm"], window=2, ema_momentum=0.0, max_total=0.9)
+    for k in range(40):  # one modality improves extremely fast: its probability hits p_max
+        three.step([10.0 ** (-k), 1.0, 1.0])
+    probs = torch.tensor(list(three.probabilities.values()))
+    assert probs.sum() <= 0.9 + 1e-9 and probs[0] == pytest.approx(three.p_max)
+    masks = three.sample_mask(20_000, generator=g)
+    assert masks.sum(dim=1).max() == 1
+
+    channel_mask = draw_channel_mask(masks[:64], [3, 2, 1])
+    assert channel_mask.shape == (64, 6)
+    assert torch.equal(channel_mask[:, [0, 3, 5]], masks[:64])
+    assert not channel_mask.all(dim=1).any()
+
+
+def test_band_group_mask_hides_one_contiguous_group():
+    modality_mask = torch.tensor([[True, False], [False, True], [False, False]])
+    cm = draw_channel_mask(modality_mask, [6, 2], granularity="band_group", band_group_fraction=0.5,
+                           generator=torch.Generator().manual_seed(0))
+    assert cm[0, :6].sum() == 3 and not cm[0, 6:].any()
+    hidden = cm[0, :6].nonzero().flatten()
+    assert (hidden.diff() == 1).all()
+    assert cm[1, 6:].sum() == 1 and not cm[1, :6].any() and not cm[2].any()
+
+
+# ------------------------------------------------------------------ stage 1: ablations train a step
+@pytest.mark.parametrize("mode, weighting, granularity, unet_kwargs", [
+    ("none", "per_modality", "modality", {}),
+    ("random_fixed", "per_modality", "modality", {}),
+    ("adaptive", "per_modality", "modality", {}),
+    ("adaptive", "per_channel", "modality", {}),
+    ("adaptive", "per_modality", "band_group", {}),
+    ("adaptive", "per_modality", "modality", {"mask_fill": "noise", "mask_indicator": "embedding"}),
+])
+def test_stage1_ablation_switches_train(mode, weighting, granularity, unet_kwargs):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net, sch = tiny_unet(**unet_kwargs), DiffusionSchedule(50)
+    ctrl = ModalityMaskingController(list(MODS), mode=mode, initial_probabilities=(0.45, 0.45), window=1)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x0 = torch.randn(8, 8, 8, 8, generator=g)
+    for _ in range(3):
+        modality_mask = ctrl.sample_mask(8, generator=g)
+        channel_mask = draw_channel_mask(modality_mask, MODS, granularity, generator=g)
+        out = ddpm_training_loss(net, sch, x0, channel_mask, weighting, generator=g)
+        opt.zero_grad()
+        out["loss"].backward()
+        ctrl.step(out["unmasked_modality_losses"])
+        assert torch.isfinite(out["loss"]) and out["modality_losses"].shape == (2,)
+        for name in ("stems.hsi.weight", "stems.sar.weight", "input_conv.weight", "out.2.weight",
+                     "time_mlp.0.weight", "up.1.0.0.0.conv1.weight"):
+            assert net.get_parameter(name).grad.abs().sum() > 0, name
+        stem_norms = net.stem_gradient_norms()
+        assert stem_norms.shape == (2,) and (stem_norms > 0).all()
+        mask_grad = net.mask_value.grad
+        if mode == "none" or unet_kwargs.get("mask_fill") == "noise":
+            assert mask_grad is None or mask_grad.abs().sum() == 0  # no fill value to learn
+        else:
+            assert channel_mask.any() and (mask_grad[channel_mask.any(dim=0)] != 0).any()
+            assert (mask_grad[~channel_mask.any(dim=0)] == 0).all()
+        if net.mask_embedding is not None:
+            assert (net.mask_embedding.grad.abs().sum(dim=1) > 0).tolist() == modality_mask.any(dim=0).tolist()
+        opt.step()
+    if mode == "adaptive":
+        assert int(ctrl.num_updates) >= 1
+
+
+# ------------------------------------------------------------------ stage 1b: feature cube
+def test_tiled_feature_cube_equals_single_pass():
+    torch.manual_seed(0)
+    net = tiny_unet(attention_levels=(), norm="none").eval()  # purely local network
+    sch = DiffusionSchedule(100)
+    height, width, timesteps, levels = 160, 96, (5, 30), (1, 0)
+    g = torch.Generator().manual_seed(1)
+    scene = {n: torch.randn(c, height, width, generator=g) for n, c in MODS.items()}
+
+    x0 = torch.cat([scene["hsi"], scene["sar"]])[None]
+    eps = scene_noise(8, height, width, seed=3)[None]
+    per_t = []
+    with torch.no_grad():
+        for t in timesteps:
+            tt = torch.tensor([t])
+            feats = net(sch.q_sample(x0, tt, eps), tt, return_features=True)[1]
+            per_t.append(torch.cat([F.interpolate(feats[lvl], size=(height, width), mode="bilinear")
+                                    for lvl in levels], dim=1))
+    reference = torch.stack(per_t).mean(dim=0)[0]
+
+    calls = []
+    # receptive-field radius of this net is 30 px < overlap / 2 = 32: tiling must be invisible
+    tiled = extract_feature_cube(net, sch, scene, timesteps, levels, tile=96, overlap=64, batch_size=2,
+                                 seed=3, blend="center", progress=lambda done, total: calls.append((done, total)))
+    assert feature_cube_channels(net, levels) == {1: 16, 0: 8}
+    assert tiled.shape == (16 + 8, height, width)
+    torch.testing.assert_close(tiled, reference, rtol=1e-4, atol=1e-5)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+    # too little overlap: the tile borders show (so the comparison above is not vacuous)
+    no_overlap = extract_feature_cube(net, sch, scene, timesteps, levels, tile=32, overlap=0, seed=3)
+    assert (no_overlap - reference).abs().max() > 1e-2
+    # a different seed gives different (deterministic) features
+    other = extract_feature_cube(net, sch, scene, timesteps, levels, tile=96, overlap=64, seed=4, blend="center")
+    assert (other - tiled).abs().max() > 1e-3
+    concat = extract_feature_cube(net, sch, scene, timesteps, (0,), tile=96, overlap=64, seed=3,
+                                  timestep_reduction="concat", dtype=torch.float16)
+    assert concat.shape == (16, height, width) and concat.dtype == torch.float16
+
+    with pytest.raises(ValueError, match="multiples"):
+        extract_feature_cube(net, sch, scene, timesteps, levels, tile=33, overlap=1)
+    with pytest.raises(ValueError, match="bands"):
+        extract_feature_cube(net, sch, {"hsi": scene["hsi"][:5], "sar": scene["sar"]}, timesteps, levels)
+
+
+# ------------------------------------------------------------------ stage 2: guidance
+@pytest.mark.parametrize("branch_cls, channels, kwargs", [
+    (CNNBranch, 8, {}),
+    (MambaBranch, 12, {"d_state": 4}),
+    (TransformerBranch, 10, {"patch_size": P, "heads": 2}),
+])
+def test_guidance_changes_branch_output(branch_cls, channels, kwargs):
+    torch.manual_seed(0)
+    branch = branch_cls(MODS, K, guide_channels=channels, dim=D, **kwargs).eval()
+    x = patches()
+    g1, g2 = torch.randn(4, channels, P, P), torch.randn(4, channels, P, P)
+    with torch.no_grad():
+        logits1, z1 = branch(x, g1)
+        logits2, z2 = branch(x, g2)
+        again, _ = branch(x, g1)
+    assert logits1.shape == (4, K) and z1.shape == (4, D)
+    torch.testing.assert_close(again, logits1)
+    assert (z1 - z2).abs().max() > 1e-3 and (logits1 - logits2).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="guided"):
+        branch(x, None)
+
+    unguided = branch_cls(MODS, K, guide_channels=None, dim=D, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unguided(x, g1)[0], unguided(x, g2)[0])
+
+
+def test_channel_shuffle_is_a_permutation():
+    x = torch.arange(8.0).view(1, 8, 1, 1)
+    assert channel_shuffle(x, 4).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def test_bdgf_net_outputs_and_ensemble():
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    out = net(patches(), guides())
+    assert net.branch_names == ["cnn", "mamba", "transformer"]
+    for b in net.branch_names:
+        assert out.logits[b].shape == (4, K) and out.features[b].shape == (4, D)
+        assert out.projections[b].shape == (4, 8)
+        torch.testing.assert_close(out.projections[b].norm(dim=1), torch.ones(4))
+    probs = net.predict_proba(patches(), guides())
+    expected = sum(torch.softmax(l, -1) for l in out.logits.values()) / 3
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(4))
+
+    with torch.device("meta"):
+        default = BDGFNet({"hsi": 30, "sar": 4}, num_classes=7)
+    n_params = sum(p.numel() for p in default.parameters())
+    assert 300_000 <= n_params <= 600_000  # spec 6.4 budget
+    with pytest.raises(ValueError, match="branches"):
+        tiny_net(branches=("cnn", "gru"))
+
+
+# ------------------------------------------------------------------ stage 2: mutual learning
+def test_mutual_learning_terms_zero_iff_branches_agree():
+    g = torch.Generator().manual_seed(0)
+    logits, proj = torch.randn(6, K, generator=g), F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    same_l, same_p = [logits] * 3, [proj] * 3
+    assert dml_kl_loss(same_l).abs() < 1e-6
+    assert entropy_gap_loss(same_l).abs() < 1e-6
+    assert feature_similarity_loss(same_p).abs() < 1e-6
+
+    other_l = [logits, torch.randn(6, K, generator=g), 3 * torch.randn(6, K, generator=g)]
+    other_p = [proj, F.normalize(torch.randn(6, 8, generator=g), dim=1), proj]
+    assert dml_kl_loss(other_l) > 1e-3 and entropy_gap_loss(other_l) > 1e-3
+    assert feature_similarity_loss(other_p) > 1e-3
+
+    # value check against the textbook formula for two branches, tau = 2
+    a, b = other_l[0], other_l[1]
+    pa, pb = torch.softmax(a / 2, -1), torch.softmax(b / 2, -1)
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1).mean()  # noqa: E731
+    torch.testing.assert_close(dml_kl_loss([a, b], 2.0), 4 * (kl(pb, pa) + kl(pa, pb)) / 2)
+    ent = lambda p: -(p * p.log()).sum(-1).mean()  # noqa: E731
+    torch.testing.assert_close(entropy_gap_loss([a, b], 2.0), (ent(pa) - ent(pb)).abs())
+    torch.testing.assert_close(feature_similarity_loss([proj, -proj]), torch.tensor(2.0))
+
+    # the KL teacher side is stop-gradient: the student receives a gradient, the teacher none
+    student, teacher = a.clone().requires_grad_(), b.clone().requires_grad_()
+    F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1).detach(), log_target=True,
+             reduction="batchmean").backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+    assert dml_kl_loss([a]) == 0 and feature_similarity_loss([proj]) == 0
+
+    assert [warmup_weight(p) for p in (0.0, 0.05, 0.1, 0.7)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    assert warmup_weight(0.0, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("ml, branches, guided", [
+    ("both", ("cnn", "mamba", "transformer"), True),
+    ("none", ("cnn", "mamba", "transformer"), True),
+    ("prob", ("cnn", "mamba", "transformer"), True),
+    ("feat", ("cnn", "mamba", "transformer"), True),
+    ("both", ("cnn", "mamba", "transformer"), False),
+    ("both", ("cnn",), True),
+    ("both", ("mamba",), True),
+    ("both", ("transformer",), True),
+])
+def test_stage2_ablation_switches_train(ml, branches, guided):
+    torch.manual_seed(0)
+    channels = {"cnn": 8, "mamba": 12, "transformer": 10} if guided else {}
+    net = tiny_net(branches=branches, guide_channels=channels)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    target = torch.tensor([0, 1, 2, 1])
+    out = net(patches(), guides())
+    terms = bdgf_loss(out, target, ml=ml, warmup=0.5)
+    opt.zero_grad()
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])
+    expected = terms["ce"]
+    if ml in ("prob", "both"):
+        expected = expected + 0.5 * (terms["prob_kl"] + 0.1 * terms["entropy_gap"])
+    if ml in ("feat", "both"):
+        expected = expected + 0.5 * 0.5 * terms["feat_cos"]
+    torch.testing.assert_close(terms["loss"], expected)
+    for name, p in net.branches.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert any("guide_proj" in n for n, _ in net.branches.named_parameters()) == guided
+    projector_learns = ml in ("feat", "both") and len(branches) > 1
+    for name, p in net.projectors.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == projector_learns, name
+    opt.step()
+    assert torch.isfinite(bdgf_loss(net(patches(), guides()), target, ml=ml)["loss"])

@@ -1,0 +1,57 @@
+"""The DAS2F LightningModule: recipe defaults, linking with the MS/PAN DataModule, a CLI smoke run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from datamodules.io import InputError
+from lightning_modules import DAS2F
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(d_model=16, d_state=4, dt_rank=4, head_hidden=16)
+
+
+def test_recipe_defaults_and_step_decay():
+    model = DAS2F(in_channels={"ms": 4, "pan": 1}, num_classes=5, patch_size=4, **TINY)
+    assert (model.hparams.lr, model.hparams.weight_decay, model.hparams.optimizer) == (1.93e-4, 5e-4, "adam")
+    model.trainer = None
+    optimizers = model.configure_optimizers()
+    opt, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.Adam) and all(g["weight_decay"] == 5e-4 for g in opt.param_groups)
+    for _ in range(10):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.93e-4 * 0.9995 ** 10)
+    batch = {"ms": torch.randn(3, 4, 4, 4), "pan": torch.randn(3, 1, 16, 16), "label": torch.tensor([0, 1, 4])}
+    assert model(batch).shape == (3, 5)
+    assert len(model.net.stages) == 2 and len(DAS2F(in_channels={"ms": 4, "pan": 1}, num_classes=5, patch_size=4,
+                                                   variant="smallxian", **TINY).net.stages) == 1
+
+
+def test_unknown_modality_names_are_a_clear_error():
+    with pytest.raises(InputError, match=r"modalities \['pan'\] not in the data's \['ms', 'p'\]"):
+        DAS2F(in_channels={"ms": 4, "p": 1}, num_classes=3, **TINY)
+
+
+def test_fit_smoke_run_through_the_console_script(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "das2f_synthetic.yaml").read_text())
+    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=24, scene_width=24,
+                                       train_per_class=8, patch_size=4, batch_size=16)
+    config["model"]["init_args"].update(TINY)
+    config["trainer"].update(max_epochs=1, limit_train_batches=3, default_root_dir=str(tmp_path / "runs"),
+                             enable_progress_bar=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "das2f.yaml"
+    path.write_text(yaml.safe_dump(config))
+    script = Path(sys.executable).parent / "rsfusion"
+    out = subprocess.run([str(script), "fit", "--config", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test/OA" in out.stdout
+    assert next((tmp_path / "runs").glob("version_0/predictions/classification_map.tif")).stat().st_size > 0

@@ -1,0 +1,320 @@
+"""kernels.selective_scan (torch backend, dispatch, validation) against a literal step-by-step oracle."""
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+import kernels
+from kernels import selective_scan, selective_scan_ref
+from kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, resolve_backend
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The S6 recurrence written plainly, one time step at a time, in float64.
+
+    h_l = exp(dt_l * A) * h_{l-1} + dt_l * B_l * u_l;  y_l = <C_l, h_l> + D * u_l;  y_l *= silu(z_l),
+    with dt = softplus(delta + delta_bias) (identity above 20). Returns (out, last state).
+    """
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    channel = torch.arange(dim)
+    B_of_channel = B[:, channel // (dim // B.shape[1])]  # (batch, dim, N, L)
+    C_of_channel = C[:, channel // (dim // C.shape[1])]
+    # Per-step views via unbind: its backward is one stack (indexing [..., step] would make the
+    # oracle's own backward quadratic in L).
+    steps = zip(u.unbind(-1), delta.unbind(-1), B_of_channel.unbind(-1), C_of_channel.unbind(-1),
+                z.double().unbind(-1) if z is not None else [None] * length)
+    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
+    outputs = []
+    for u_l, delta_l, B_l, C_l, z_l in steps:
+        dt = delta_l
+        if delta_bias is not None:
+            dt = dt + delta_bias.double()
+        if delta_softplus:
+            dt = torch.where(dt <= 20, torch.log1p(torch.exp(dt)), dt)
+        h = torch.exp(dt[:, :, None] * A) * h + (dt * u_l)[:, :, None] * B_l
+        y = (h * C_l).sum(-1)
+        if D is not None:
+            y = y + D.double() * u_l
+        if z_l is not None:
+            y = y * z_l * torch.sigmoid(z_l)
+        outputs.append(y)
+    return torch.stack(outputs, dim=-1), h
+
+
+def make_inputs(batch, dim, length, nstate, groups=None, extras=True, dtype=torch.float32, seed=0):
+    """mamba's test distribution (spec §1.6); groups=None gives 3-D B/C."""
+    gen = torch.Generator().manual_seed(seed)
+    bc_shape = (batch, nstate, length) if groups is None else (batch, groups, nstate, length)
+
+    def rand(*shape, scale=1.0, normal=True):
+        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
+        return (t * scale).to(dtype)
+
+    inputs = {
+        "u": rand(batch, dim, length),
+        "delta": rand(batch, dim, length, scale=0.5, normal=False),
+        "A": -0.5 * torch.rand(dim, nstate, generator=gen).to(dtype if dtype == torch.float64 else torch.float32),
+        "B": rand(*bc_shape),
+        "C": rand(*bc_shape),
+    }
+    if extras:
+        weight = dtype if dtype == torch.float64 else torch.float32
+        inputs["D"] = torch.randn(dim, generator=gen).to(weight)
+        inputs["z"] = rand(batch, dim, length)
+        inputs["delta_bias"] = (0.5 * torch.rand(dim, generator=gen)).to(weight)
+    return inputs
+
+
+def run_with_grads(fn, inputs, grad_out, **kwargs):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out, last = fn(**leaves, return_last_state=True, **kwargs)
+    (out.double() * grad_out).sum().backward()
+    return out, last, {k: v.grad for k, v in leaves.items()}
+
+
+def oracle_with_grads(inputs, grad_out, delta_softplus):
+    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    out, last = oracle(**leaves, delta_softplus=delta_softplus)
+    (out * grad_out).sum().backward()
+    return out, last, {k: v.grad for k, v in leaves.items()}
+
+
+def assert_close(actual, expected, name, rtol=1e-4, atol=1e-4):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# (batch, dim, L, N, groups (None = 3-D B/C), extras D/z/delta_bias, softplus)
+CASES = {
+    "plain-N1-L1-batch1": (1, 4, 1, 1, None, False, False),
+    "plain-N16-odd-L": (2, 6, 37, 16, None, False, True),
+    "grouped-N16-all-extras": (2, 8, 45, 16, 2, True, True),
+    "grouped-N1-extras-no-softplus": (3, 6, 19, 1, 3, True, False),
+    "long-L-batch1": (1, 4, 1031, 16, 2, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_backend_matches_oracle_forward_and_backward(case):
+    batch, dim, length, nstate, groups, extras, softplus = CASES[case]
+    inputs = make_inputs(batch, dim, length, nstate, groups, extras)
+    grad_out = torch.randn(batch, dim, length, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, delta_softplus=softplus, backend="torch")
+    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, softplus)
+    assert out.shape == (batch, dim, length) and out.dtype == torch.float32
+    assert last.shape == (batch, dim, nstate) and last.dtype == torch.float32
+    assert_close(out, ref_out, "out")
+    assert_close(last, ref_last, "last_state")
+    assert set(grads) == (set(GRAD_NAMES) if extras else {"u", "delta", "A", "B", "C"})
+    for name in inputs:
+        assert grads[name].shape == inputs[name].shape, name
+        # A, delta_bias and D sum over batch and L (1031 steps in the long case): relative tolerance.
+        assert_close(grads[name], ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("b_groups,c_groups", [(4, None), (2, 3)])
+def test_mixed_b_c_layouts_match_oracle(b_groups, c_groups):
+    """B and C with different layouts: 3-D C with a 4-group B; 2-group B with a 3-group C (dim 12)."""
+    inputs = make_inputs(2, 12, 23, 4, groups=b_groups, extras=False)
+    C = make_inputs(2, 12, 23, 4, groups=c_groups, extras=False, seed=5)["C"]
+    inputs["C"] = C
+    grad_out = torch.randn(2, 12, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, backend="torch")
+    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, False)
+    assert_close(out, ref_out, "out")
+    assert_close(last, ref_last, "last_state")
+    for name in inputs:
+        assert grads[name].shape == inputs[name].shape, name
+        assert_close(grads[name], ref_grads[name], f"grad {name}")
+
+
+def test_readable_reference_matches_oracle():
+    inputs = make_inputs(2, 8, 29, 16, groups=2, extras=True)
+    out, last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    ref_out, ref_last = oracle(**inputs, delta_softplus=True)
+    assert_close(out, ref_out, "out")
+    assert_close(last, ref_last, "last_state")
+
+
+@pytest.mark.parametrize("groups,extras", [(None, False), (2, True)])
+def test_torch_backend_gradcheck_float64(groups, extras):
+    inputs = make_inputs(2, 4, 7, 3, groups, extras, dtype=torch.float64)
+    names = list(inputs)
+    leaves = [inputs[k].requires_grad_() for k in names]
+
+    def fn(*tensors):
+        return selective_scan(**dict(zip(names, tensors)), delta_softplus=extras, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computed_in_float32_and_returned_in_input_dtype(dtype):
+    inputs = make_inputs(2, 4, 20, 8, groups=2, extras=True, dtype=dtype)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend="torch")
+    assert out.dtype == dtype and last.dtype == torch.float32
+    ref_out, ref_last = oracle(**inputs, delta_softplus=True)  # the same half inputs, upcast
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.float16 else {"rtol": 2e-2, "atol": 5e-2}
+    assert_close(out, ref_out, "out", **tol)
+    assert_close(last, ref_last, "last_state", rtol=1e-4, atol=1e-4)  # the state is never rounded
+    out.float().sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+
+
+def _graph_size(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return len(seen)
+
+
+def test_torch_backend_graph_does_not_grow_with_length():
+    sizes = []
+    for length in (3, 300):
+        inputs = {k: v.requires_grad_() for k, v in make_inputs(1, 4, length, 2, groups=2).items()}
+        sizes.append(_graph_size(selective_scan(**inputs, delta_softplus=True, backend="torch")))
+    assert sizes[0] == sizes[1] < 30
+
+
+def test_last_state_carries_no_gradient_and_out_is_unchanged():
+    inputs = make_inputs(1, 4, 9, 2)
+    plain = selective_scan(**inputs, backend="torch")
+    out, last = selective_scan(**inputs, return_last_state=True, backend="torch")
+    assert torch.equal(plain, out)
+    assert not last.requires_grad or last.grad_fn is None
+
+
+def _base(**overrides):
+    inputs = make_inputs(2, 4, 5, 3, groups=2, extras=True)
+    inputs.update(overrides)
+    return inputs
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"A": torch.randn(4, 3, dtype=torch.complex64)}, "complex A"),
+    ({"u": torch.randn(2, 4)}, "u must be"),
+    ({"delta": torch.randn(2, 4, 6)}, "delta must"),
+    ({"A": torch.randn(5, 3)}, "A must be"),
+    ({"B": torch.randn(2, 3, 6)}, "B must be"),
+    ({"C": torch.randn(2, 3, 3, 5)}, "groups, which do not divide"),
+    ({"D": torch.randn(3)}, "D must be"),
+    ({"delta_bias": torch.randn(4, 1)}, "delta_bias must be"),
+    ({"z": torch.randn(2, 4, 4)}, "z must"),
+    ({"B": torch.randn(2, 2, 3, 5, device="meta")}, "B is on meta"),
+    ({"u": torch.randint(0, 3, (2, 4, 5))}, "floating-point"),
+])
+def test_bad_inputs_raise_clear_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        selective_scan(**_base(**overrides), backend="torch")
+
+
+def test_unknown_backend_and_bad_env_var_raise(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_scan(**_base(), backend="cuda_fast")
+    monkeypatch.setenv(ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        selective_scan(**_base())
+
+
+def test_auto_falls_back_to_torch_on_cpu_and_logs_once(monkeypatch, caplog):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr("kernels.dispatch._logged_backends", set())
+    inputs = _base()
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        assert resolve_backend("auto", torch.device("cpu")) == "torch"
+        first = selective_scan(**inputs)
+        second = selective_scan(**inputs)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, selective_scan(**inputs, backend="torch"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    assert len(messages) == 1 and "'torch' backend" in messages[0]
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        selective_scan(**_base())
+    monkeypatch.setenv(ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="triton"):
+        selective_scan(**_base())
+    # An explicit argument wins over the environment variable.
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+
+
+@pytest.fixture
+def fresh_mamba_probe():
+    _mamba_selective_scan_fn.cache_clear()
+    yield
+    _mamba_selective_scan_fn.cache_clear()
+
+
+def test_missing_or_broken_mamba_ssm_never_raises(monkeypatch, tmp_path, fresh_mamba_probe):
+    # 1) Released mamba-ssm without its extension: `import mamba_ssm` raises ModuleNotFoundError.
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", None)  # import -> ModuleNotFoundError
+    assert _mamba_selective_scan_fn() is None
+    # 2) An extension built against another torch: the import raises OSError ("undefined symbol").
+    _mamba_selective_scan_fn.cache_clear()
+    monkeypatch.delitem(sys.modules, "selective_scan_cuda")
+    (tmp_path / "selective_scan_cuda.py").write_text("raise OSError('selective_scan_cuda.so: undefined symbol')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _mamba_selective_scan_fn() is None
+    assert kernels.available_backends("cpu") == ["torch"]
+    out = selective_scan(**_base(), backend="auto")
+    torch.testing.assert_close(out, selective_scan(**_base(), backend="torch"))
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        selective_scan(**_base(), backend="cuda")
+
+
+def test_installed_mamba_ssm_is_detected_but_never_gets_cpu_tensors(monkeypatch, fresh_mamba_probe):
+    calls = []
+    extension = types.ModuleType("selective_scan_cuda")
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_fn = lambda *args, **kwargs: calls.append(args)
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", extension)
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+    assert _mamba_selective_scan_fn() is interface.selective_scan_fn
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    selective_scan(**_base())
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        selective_scan(**_base(), backend="cuda")
+    assert calls == []
+
+
+def test_cuda_backend_forwards_mamba_arguments(monkeypatch):
+    """The call into mamba-ssm's selective_scan_fn (device check bypassed: no GPU in CI)."""
+    received = {}
+
+    def fake_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        received.update(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                        delta_softplus=delta_softplus, return_last_state=return_last_state)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    monkeypatch.setattr("kernels.dispatch._mamba_selective_scan_fn", lambda: fake_selective_scan_fn)
+    monkeypatch.setattr("kernels.dispatch.resolve_backend", lambda backend, device: "cuda")
+    inputs = make_inputs(2, 4, 6, 3, groups=None, extras=True, dtype=torch.float16)
+    inputs["delta"] = inputs["delta"].float()  # mamba's op needs delta in u's dtype: cast for it
+    out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="cuda")
+    assert received["delta"].dtype == torch.float16 and received["B"].dtype == torch.float16
+    assert received["D"].dtype == torch.float32 and received["delta_bias"].dtype == torch.float32
+    assert received["delta_softplus"] is True and received["return_last_state"] is True
+    assert out.dtype == torch.float16 and last.shape == (2, 4, 3)
+    ref_out, _ = oracle(**inputs, delta_softplus=True)
+    assert_close(out, ref_out, "out", rtol=1e-2, atol=1e-2)
