@@ -26,8 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # (batch, dim, L, N): SS2D at 11x11 patches with d_state 16; d_state 1 (VMamba v2) at ssm_ratio 2;
-# a long sequence (32x32 map).
-SHAPES = [(16, 384, 121, 16), (64, 768, 121, 1), (8, 192, 1024, 16)]
+# a long sequence (32x32 map); M3amba's grouped 4-direction scan of a 32x32 map (little work per step).
+SHAPES = [(16, 384, 121, 16), (64, 768, 121, 1), (8, 192, 1024, 16), (16, 128, 1024, 4)]
 GROUPS = 4
 REFERENCE = "ref"
 

@@ -89,19 +89,17 @@ def _to_chw(array: np.ndarray, path: Path, channels_last: bool) -> np.ndarray:
 
 
 def _load_mat(path: Path, key: str | None) -> np.ndarray:
+    import h5py
     import scipy.io
 
     try:
-        contents = scipy.io.loadmat(path)
-        arrays = {k: v for k, v in contents.items() if not k.startswith("__")}
-    except NotImplementedError:  # MATLAB v7.3 files are HDF5
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            # h5py sees MATLAB arrays transposed (column-major storage)
-            arrays = {k: np.asarray(f[k]).T for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    except (ValueError, OSError, TypeError) as err:
-        raise RasterError(f"{path}: cannot read .mat file ({err})") from None
+        if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5; h5py sees their arrays transposed
+            with h5py.File(path, "r") as f:
+                arrays = {k: np.asarray(f[k]).T for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+        else:
+            arrays = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    except Exception as err:  # scipy raises many kinds (ValueError, IndexError, MatReadError...)
+        raise RasterError(f"{path}: cannot read .mat file ({type(err).__name__}: {_first_line(err)})") from None
     if key is not None:
         if key not in arrays:
             raise RasterError(f"{path}: no key {key!r} in .mat file; keys found: {sorted(arrays)}")
@@ -205,12 +203,18 @@ def _representable(value: float, dtype: np.dtype) -> bool:
     return float(value).is_integer() and info.min <= value <= info.max
 
 
-def read_labels(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, Raster]:
-    """Read a label raster: 0 = unlabelled, 1..K = classes. Returns (int64 (rows, cols), raster)."""
+def read_labels(path: str | os.PathLike, num_classes: int | None = None,
+                unlabelled: int | None = None) -> tuple[np.ndarray, Raster]:
+    """Read a label raster: 0 = unlabelled, 1..K = classes. Returns (int64 (rows, cols), raster).
+
+    ``unlabelled`` names another value that means "no label" in this file (MUUFL uses -1).
+    """
     raster = read_raster(path)
     if raster.bands != 1:
         raise RasterError(f"{path}: a label raster must have 1 band, found {raster.bands}")
     values = raster.data[0]
+    if unlabelled is not None:
+        values = np.where(values == unlabelled, 0, values)
     if values.dtype.kind == "f":
         finite = values[np.isfinite(values)]
         if not np.array_equal(finite, np.round(finite)):

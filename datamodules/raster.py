@@ -52,6 +52,7 @@ class RasterDataModule(L.LightningDataModule):
         clip_percentile: clip each band to [q, 100 - q] percentiles before normalising (robust).
         pca: modality -> number of principal components to keep (e.g. ``{"hsi": 30}``).
         nodata: modality -> nodata value overriding the file's own.
+        label_nodata: a label value that means "unlabelled" besides 0 (e.g. -1 in MUUFL).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class RasterDataModule(L.LightningDataModule):
         clip_percentile: float | None = None,
         pca: dict[str, int] | None = None,
         nodata: dict[str, float] | None = None,
+        label_nodata: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.5,
         split_block_size: int = 16,
@@ -110,7 +112,7 @@ class RasterDataModule(L.LightningDataModule):
         for split, path in (("train", train_labels), ("test", test_labels), ("val", val_labels), ("all", labels)):
             if path is not None:
                 check_label_grid(self.reference, path)
-                maps[split], _ = read_labels(path, fixed_k)
+                maps[split], _ = read_labels(path, fixed_k, label_nodata)
         self.num_classes = fixed_k or int(max(m.max() for m in maps.values()))
         if self.num_classes < 1:
             raise RasterError(f"{labels or train_labels}: no labelled pixel (0 = unlabelled, 1..K = classes)")

@@ -37,6 +37,19 @@ class _SelectiveScanTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
+        # The scan accumulates in the inputs' dtype even under autocast (its einsum/matmul would
+        # otherwise drop to bfloat16/float16), as mamba-ssm's kernel does.
+        with torch.autocast(u.device.type, enabled=False):
+            return _SelectiveScanTorch._forward(ctx, u, delta, A, B, C)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last_state):
+        # grad_last_state is ignored, as in mamba-ssm.
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _SelectiveScanTorch._backward(ctx, grad_y)
+
+    @staticmethod
+    def _forward(ctx, u, delta, A, B, C):
         batch, dim, length = u.shape
         groups, nstate = B.shape[1], A.shape[1]
         per = dim // groups
@@ -67,8 +80,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
         return _length_last(y, batch, dim, length), last_state
 
     @staticmethod
-    def backward(ctx, grad_y, grad_last_state):
-        # grad_last_state is ignored, as in mamba-ssm.
+    def _backward(ctx, grad_y):
         u_t, delta_t, A, B_t, C_t, states = ctx.saved_tensors
         length, batch, groups, per, nstate = states.shape
         A_g = A.reshape(groups, per, nstate)

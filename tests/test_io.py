@@ -127,6 +127,18 @@ def test_missing_file_and_mat_keys(tmp_path):
         read_raster(f"{tmp_path / 'd.mat'}:data")
 
 
+def test_matlab_v73_files_are_read_through_hdf5(tmp_path):
+    import h5py
+
+    cube = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)  # (H, W, C) as MATLAB sees it
+    with h5py.File(tmp_path / "v73.mat", "w") as f:
+        f["data"] = cube.T  # MATLAB stores column-major: HDF5 holds the transpose
+    np.testing.assert_array_equal(read_raster(f"{tmp_path / 'v73.mat'}:data").data, np.moveaxis(cube, -1, 0))
+    (tmp_path / "junk.mat").write_bytes(b"not a mat file at all")
+    with pytest.raises(RasterError, match=r"junk\.mat: cannot read \.mat file"):
+        read_raster(tmp_path / "junk.mat")
+
+
 def test_label_values_are_checked(tmp_path):
     bad = write_tif(tmp_path / "neg.tif", np.array([[0, -1], [1, 2]], np.int16))
     with pytest.raises(RasterError, match="negative label value"):

@@ -189,6 +189,15 @@ def test_torch_backend_graph_does_not_grow_with_length():
     assert sizes[0] == sizes[1] < 30
 
 
+def test_torch_backend_stays_float32_under_autocast():
+    inputs = make_inputs(2, 8, 20, 4, groups=2, extras=True)
+    expected = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_last_state_carries_no_gradient_and_out_is_unchanged():
     inputs = make_inputs(1, 4, 9, 2)
     plain = selective_scan(**inputs, backend="torch")
