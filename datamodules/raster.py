@@ -6,11 +6,13 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from datamodules.io import RasterError, read_header, read_labels
-from datamodules.sampling import IGNORE_INDEX, PixelPatchDataset, TileDataset, collate, covering_tiles
+from datamodules.sampling import (IGNORE_INDEX, EpochShuffleSampler, PixelPatchDataset, TileDataset, collate,
+                                  covering_tiles)
 from datamodules.scene import Normalization, Scene, check_label_grid, grid_ratios, load_scene, reference_header
 from datamodules.splits import block_split, pixels_inside_patches
 
@@ -222,7 +224,9 @@ class RasterDataModule(L.LightningDataModule):
         return TileDataset(self.scene, origins, self.patch_size, None, keep)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        # The training order depends on (global seed, epoch) only, so resumed runs match exactly.
+        sampler = EpochShuffleSampler(len(dataset), torch.initial_seed()) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate, persistent_workers=self.num_workers > 0,
                           drop_last=shuffle and len(dataset) % batch_size == 1)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from datamodules.scene import Scene
 
@@ -28,6 +28,26 @@ def _windows(scene: Scene, size: int) -> dict[str, np.ndarray]:
 def _gather(views: dict[str, np.ndarray], y: np.ndarray, x: np.ndarray) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(np.moveaxis(view[:, y, x], 0, 1)))
             for name, view in views.items()}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
 def collate(batch):

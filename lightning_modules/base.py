@@ -7,9 +7,11 @@ override :meth:`training_loss` (extra heads, auxiliary terms) and :meth:`paramet
 from __future__ import annotations
 
 import math
-from typing import Literal
+import random
+from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
@@ -123,6 +125,22 @@ class FusionClassifier(L.LightningModule):
         if data_channels is not None and dict(data_channels) != self.in_channels:
             raise InputError(f"band counts differ: the data has {dict(data_channels)}, the model (checkpoint) "
                              f"expects {self.in_channels}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not store RNG states; with them a resumed run draws the same dropout masks.
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    # plain types only, so checkpoints load with weights_only=True
+                                    "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                              int(has_gauss), float(gauss))}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(states["torch"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
 
     def on_fit_start(self) -> None:
         leakage = getattr(getattr(self.trainer, "datamodule", None), "leakage", None)

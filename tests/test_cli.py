@@ -42,6 +42,8 @@ def _tiny_config(tmp_path: Path) -> Path:
     config["model"]["init_args"]["width"] = 8
     config["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    for callback in config["trainer"]["callbacks"]:
+        callback["init_args"]["dirpath"] = str(tmp_path / "runs" / "checkpoints")
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -64,7 +66,7 @@ def test_fit_tests_and_writes_a_georeferenced_map_then_predict_from_checkpoint(t
     assert classes.min() >= 1 and classes.max() <= 6  # every valid pixel classified, 1..K
     assert (run / "predictions" / "classification_map.png").stat().st_size > 1000
 
-    ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
     from lightning_modules import TwoBranchCNN
 
     restored = TwoBranchCNN.load_from_checkpoint(ckpt)  # outside the CLI too
