@@ -1,19 +1,48 @@
 """Fast pure-PyTorch selective scan core with a hand-written backward (CPU or any device).
 
-Why it is fast on a CPU (spec §4.3, §5.5): the recurrence runs time-major over contiguous
+Algorithm. Forward: h_l = a_l * h_{l-1} + x_l with a_l = exp(delta_l A), x_l = delta_l B_l u_l, then
+y_l = sum_n C_l h_l. Backward: g_l = dL/dh_l = dy_l C_l + a_{l+1} g_{l+1}, from the end; then
+dC_l = sum_p dy_l h_l, dB_l = sum_p delta_l u_l g_l, d(delta_l u_l) = sum_n B_l g_l and, with
+m_l = g_l a_l h_{l-1} = dL/d(delta_l A), dA = sum_{b, l} m_l delta_l and a delta term sum_n m_l A.
+
+Why it is fast on a CPU (spec §4.3, §5.5): both recurrences run time-major over contiguous
 (batch, dim, N) slabs with one in-place ``addcmul_`` per step, so there is no per-step autograd
 graph and no O(L^2) slice backward. Everything else (discretisation, the contraction with C, and in
 backward the B/C/u contractions and the A/delta reductions) runs on chunks of CHUNK time steps right
-after they are produced, while they are still in cache. Only the states h (L, batch, dim, N) are kept
-for backward; exp(delta * A) is recomputed there, and the backward needs no full-size buffer.
+after they are produced, while they are still in cache, in buffers reused from chunk to chunk. Only
+the state at the end of each chunk is kept for backward (like mamba's CUDA kernel): backward
+recomputes a chunk's states and exp(delta * A) from it, exactly as forward computed them, so nothing
+of size (L, batch, dim, N) is ever allocated (fresh large buffers cost page faults and memory
+bandwidth, which dominated on the 2-core CPU). y and du/ddelta are written chunk by chunk straight
+into their (batch, dim, L) outputs.
+
+Layout: a state slab is stored (batch, G, N, dim / G), state index before channel, so that every
+broadcast (delta * u over N, B over the channels of its group, A over time) has a contiguous,
+vectorisable inner dimension of dim / G channels; with N innermost (N = 1..16) the elementwise
+kernels would run a short scalar inner loop and the contractions would be tiny batched matmuls.
+
+Why it is stable (spec §5.1): each step multiplies by its own factor exp(delta_l A), computed from
+that step's delta alone, and adds; nothing divides by a cumulative decay or takes exp of a partial
+sum, so an underflowing decay just gives 0 (the exact limit) and no NaN can appear that the
+recurrence itself would not produce.
+
+Why not a chunked closed form or a doubling scan: on the 2-core CPU the per-step Python cost is
+small (~3-5 us per step, ~5 % of fwd + bwd at the M3amba shape (16, 128, 1024, 4)), while a
+closed form or an associative scan adds full (L, batch, dim, N) passes (cumulative decays, a
+fix-up) that cost more than the whole sequential loop (measured: the loop over 1024 steps 6-8 ms,
+a two-level chunked scan of the same recurrence 64 ms, spec §4.3 has the same finding).
 """
 import torch
 
 __all__ = ["scan_core_torch", "CHUNK"]
 
-# Time steps per chunk: small enough for a chunk of (batch, dim, N) slabs to stay in cache at the
-# suite's shapes, large enough that the per-chunk ops are few (16 beat 8 and 32 on the 2-core CPU).
+# Time steps per chunk (and between the states saved for backward): small enough for a chunk of
+# (batch, dim, N) slabs to stay near the cache, large enough that the per-chunk ops are few. 8, 16
+# and 32 time alike (within the 2-core CPU's noise) at the benchmark shapes; 4 is slower.
 CHUNK = 16
+# Up to this state size a sum over N is N fused multiply-adds over (chunk, batch, dim) slices;
+# above it one batched (1 x N) @ (N x dim / G) matmul per (step, batch, group) is faster.
+_LOOP_MAX_N = 4
 
 
 def _time_major(x):
@@ -22,9 +51,70 @@ def _time_major(x):
     return x.reshape(-1, x.shape[-1]).t().contiguous().view(x.shape[-1], *x.shape[:-1])
 
 
+def _time_major_view(x):
+    """A 2-D (L, batch * ...) view of a contiguous (batch, ..., L) tensor, for writing results chunk
+    by chunk straight into their final layout (no time-major buffer, no final transpose copy). Kept
+    2-D: copying into it is a 2-D transpose, several times faster than through an N-D permuted view."""
+    return x.view(-1, x.shape[-1]).t()
+
+
 def _length_last(x, *shape):
     """(L, ...) -> contiguous ``shape`` whose last dim is L (the inverse of ``_time_major``)."""
     return x.reshape(x.shape[0], -1).t().contiguous().view(*shape)
+
+
+def _scan_forward(h, a):
+    """In place over the time dim 0: h[t] += a[t] * h[t - 1] for t >= 1 (views from one unbind: a
+    per-step index would cost three tensor constructions per step)."""
+    previous = None
+    for h_t, a_t in zip(h.unbind(0), a.unbind(0)):
+        if previous is not None:
+            h_t.addcmul_(a_t, previous)
+        previous = h_t
+
+
+def _scan_backward(g, a):
+    """In place, from the end: g[t] += a[t + 1] * g[t + 1] for t < steps - 1."""
+    later = g[-1]
+    for g_t, a_next in zip(reversed(g.unbind(0)[:-1]), reversed(a.unbind(0)[1:])):
+        g_t.addcmul_(a_next, later)
+        later = g_t
+
+
+def _chunk_states(h, a, delta_u, u, delta, A_g, B, h_before):
+    """One chunk's states, in place: h (steps, batch, G, N, dim / G), with a = exp(delta A) and
+    delta_u = delta * u of its steps as by-products; h_before is the state before the chunk (None
+    at the sequence start). u, delta (steps, batch, G, 1, dim / G); A_g (G, N, dim / G); B (steps, batch, G, N)."""
+    torch.mul(delta, u, out=delta_u)
+    torch.mul(delta_u, B[..., None], out=h)  # delta B u
+    torch.mul(delta, A_g, out=a).exp_()  # exp(delta A)
+    if h_before is not None:
+        h[0].addcmul_(a[0], h_before)
+    _scan_forward(h, a)
+    return h
+
+
+def _sum_over_states(h, weight, out, scratch=None):
+    """out[..., p] = sum_n weight[..., n, p] * h[..., n, p] for h (..., N, P) and a weight broadcastable
+    to it, either per state (..., N, 1) or per state and channel (..., N, P) (then with N above
+    _LOOP_MAX_N a ``scratch`` like h is needed)."""
+    nstate = h.shape[-2]
+    if nstate <= _LOOP_MAX_N:
+        torch.mul(h[..., 0, :], weight[..., 0, :], out=out)
+        for n in range(1, nstate):
+            out.addcmul_(h[..., n, :], weight[..., n, :])
+    elif weight.shape[-1] == 1:
+        torch.matmul(weight.transpose(-1, -2), h, out=out[..., None, :])
+    else:
+        torch.sum(torch.mul(h, weight, out=scratch), dim=-2, out=out)
+    return out
+
+
+def _sum_over_channels(h, weight, out):
+    """out[..., n] = sum_p h[..., n, p] * weight[..., p] for h (..., N, P), weight (..., P)."""
+    # As (1 x P) @ (P x N) with a transposed h: 1.5-2.5x faster than (N x P) @ (P x 1) at N >= 16.
+    torch.matmul(weight[..., None, :], h.transpose(-1, -2), out=out[..., None, :])
+    return out
 
 
 class _SelectiveScanTorch(torch.autograd.Function):
@@ -32,7 +122,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
 
     Inputs share one float dtype: u, delta (batch, dim, L); A (dim, N); B, C (batch, G, N, L).
     Returns y (batch, dim, L) and the last state (batch, dim, N), which carries no gradient.
-    Internally everything is time-major: (L, batch, G, dim / G, N).
+    Internally everything is time-major: states (steps, batch, G, N, dim / G), the rest (L, batch, G, ...).
     """
 
     @staticmethod
@@ -53,83 +143,81 @@ class _SelectiveScanTorch(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, nstate = B.shape[1], A.shape[1]
         per = dim // groups
-        u_t = _time_major(u).view(length, batch, groups, per)
-        delta_t = _time_major(delta).view(length, batch, groups, per)
+        u_t = _time_major(u).view(length, batch, groups, 1, per)
+        delta_t = _time_major(delta).view(length, batch, groups, 1, per)
         B_t, C_t = _time_major(B), _time_major(C)  # (L, batch, G, N)
-        A_g = A.reshape(groups, per, nstate)
-        delta_u = delta_t * u_t
+        A_g = A.reshape(groups, per, nstate).transpose(1, 2).contiguous()  # (G, N, dim / G)
 
-        states = u.new_empty(length, batch, groups, per, nstate)
-        y = u.new_empty(length, batch, groups, per)
-        decay = u.new_empty(min(CHUNK, length), batch, groups, per, nstate)
-        for start in range(0, length, CHUNK):
+        y = u.new_empty(batch, dim, length)
+        y_t = _time_major_view(y)
+        chunk_len = min(CHUNK, length)
+        checkpoints = u.new_empty(-(-length // CHUNK), batch, groups, nstate, per)  # state after each chunk
+        states, decay = (u.new_empty(chunk_len, batch, groups, nstate, per) for _ in range(2))
+        delta_u, y_chunk = u.new_empty(chunk_len, batch, groups, 1, per), u.new_empty(chunk_len, batch, groups, per)
+        for chunk, start in enumerate(range(0, length, CHUNK)):
             stop = min(start + CHUNK, length)
             steps = stop - start
-            h, a = states[start:stop], decay[:steps]
-            torch.mul(delta_u[start:stop, ..., None], B_t[start:stop, :, :, None, :], out=h)  # delta B u
-            torch.mul(delta_t[start:stop, ..., None], A_g, out=a).exp_()  # exp(delta A)
-            if start > 0:
-                h[0].addcmul_(a[0], states[start - 1])
-            for t in range(1, steps):
-                h[t].addcmul_(a[t], h[t - 1])
-            y[start:stop] = torch.einsum("lbgpn,lbgn->lbgp", h, C_t[start:stop])  # beats bmm at N = 1
+            h = _chunk_states(states[:steps], decay[:steps], delta_u[:steps], u_t[start:stop], delta_t[start:stop],
+                              A_g, B_t[start:stop], checkpoints[chunk - 1] if chunk else None)
+            checkpoints[chunk].copy_(h[-1])
+            y_t[start:stop] = _sum_over_states(h, C_t[start:stop, ..., None], out=y_chunk[:steps]).view(steps, -1)
 
-        last_state = states[-1].reshape(batch, dim, nstate).clone()
+        last_state = checkpoints[-1].transpose(-1, -2).reshape(batch, dim, nstate)  # a copy
         ctx.mark_non_differentiable(last_state)
-        ctx.save_for_backward(u_t, delta_t, A, B_t, C_t, states)
-        return _length_last(y, batch, dim, length), last_state
+        ctx.save_for_backward(u_t, delta_t, A_g, B_t, C_t, checkpoints)
+        return y, last_state
 
     @staticmethod
     def _backward(ctx, grad_y):
-        u_t, delta_t, A, B_t, C_t, states = ctx.saved_tensors
-        length, batch, groups, per, nstate = states.shape
-        A_g = A.reshape(groups, per, nstate)
-        dy_t = _time_major(grad_y).view(length, batch, groups, per)
-        delta_u = delta_t * u_t
-
+        u_t, delta_t, A_g, B_t, C_t, checkpoints = ctx.saved_tensors
+        length, batch, groups, _, per = u_t.shape
+        nstate = A_g.shape[1]
+        dim = groups * per
+        dy_t = _time_major(grad_y).view(length, batch, groups, 1, per)
+        grad_u, grad_delta = (grad_y.new_empty(batch, dim, length) for _ in range(2))
+        grad_u_t, grad_delta_t = _time_major_view(grad_u), _time_major_view(grad_delta)
         grad_B, grad_C = torch.empty_like(B_t), torch.empty_like(C_t)
-        grad_delta_u = torch.empty_like(u_t)  # dL/d(delta u)
-        grad_delta_a = torch.empty_like(delta_t)  # the part of dL/ddelta that flows through exp(delta A)
         grad_A = torch.zeros_like(A_g)
         chunk_len = min(CHUNK, length)
-        grad_h = states.new_empty(chunk_len, batch, groups, per, nstate)
-        decay = torch.empty_like(grad_h)
-        carry_g = states.new_empty(batch, groups, per, nstate)  # dL/dh at the step after the chunk ...
+        states, decay, grad_h = (u_t.new_empty(chunk_len, batch, groups, nstate, per) for _ in range(3))
+        delta_u, grad_delta_u, grad_delta_a = (u_t.new_empty(chunk_len, batch, groups, 1, per) for _ in range(3))
+        carry_g = u_t.new_empty(batch, groups, nstate, per)  # dL/dh at the step after the chunk ...
         carry_a = torch.empty_like(carry_g)  # ... and exp(delta A) at that step
-        for start in reversed(range(0, length, CHUNK)):
+        for chunk, start in reversed(list(enumerate(range(0, length, CHUNK)))):
             stop = min(start + CHUNK, length)
             steps = stop - start
-            g, a, h = grad_h[:steps], decay[:steps], states[start:stop]
+            g, a, h = grad_h[:steps], decay[:steps], states[:steps]
+            du, gdu, gda = delta_u[:steps], grad_delta_u[:steps], grad_delta_a[:steps]
+            before = checkpoints[chunk - 1] if chunk else None
+            # The chunk's states, recomputed from its checkpoint exactly as in forward.
+            _chunk_states(h, a, du, u_t[start:stop], delta_t[start:stop], A_g, B_t[start:stop], before)
             # g_l = dL/dh_l = dy_l C_l + exp(delta_{l+1} A) g_{l+1}, built in place from the end.
-            torch.mul(dy_t[start:stop, ..., None], C_t[start:stop, :, :, None, :], out=g)
-            torch.mul(delta_t[start:stop, ..., None], A_g, out=a).exp_()
+            torch.mul(dy_t[start:stop], C_t[start:stop, ..., None], out=g)
             if stop < length:
                 g[-1].addcmul_(carry_a, carry_g)
-            for t in range(steps - 2, -1, -1):
-                g[t].addcmul_(a[t + 1], g[t + 1])
+            _scan_backward(g, a)
             carry_g.copy_(g[0])
             carry_a.copy_(a[0])
 
-            torch.matmul(dy_t[start:stop, :, :, None, :], h, out=grad_C[start:stop, :, :, None, :])
-            torch.matmul(delta_u[start:stop, :, :, None, :], g, out=grad_B[start:stop, :, :, None, :])
-            grad_delta_u[start:stop] = torch.einsum("lbgpn,lbgn->lbgp", g, B_t[start:stop])
+            _sum_over_channels(h, dy_t[start:stop, :, :, 0], out=grad_C[start:stop])
+            _sum_over_channels(g, du[:, :, :, 0], out=grad_B[start:stop])
+            _sum_over_states(g, B_t[start:stop, ..., None], out=gdu[:, :, :, 0])  # dL/d(delta u)
             # m_l = g_l * exp(delta_l A) * h_{l-1} = dL/d(delta_l A), with h_{-1} = 0.
-            if start > 0:
-                a.mul_(states[start - 1: stop - 1])
-            else:
+            a[1:].mul_(h[:-1])
+            if before is None:
                 a[0].zero_()
-                a[1:].mul_(states[: stop - 1])
+            else:
+                a[0].mul_(before)
             a.mul_(g)
-            torch.sum(torch.mul(a, A_g, out=g), dim=-1, out=grad_delta_a[start:stop])  # g is free now
-            grad_A += a.mul_(delta_t[start:stop, ..., None]).sum((0, 1))
+            _sum_over_states(a, A_g, out=gda[:, :, :, 0], scratch=g)  # g is free now
+            grad_A += a.mul_(delta_t[start:stop]).sum((0, 1))
+            # ddelta = d(delta u) * u + the part through exp(delta A); du = d(delta u) * delta. Computed
+            # in the chunk buffers, then copied: an elementwise op writing the strided view is slower.
+            grad_delta_t[start:stop] = gda.addcmul_(gdu, u_t[start:stop]).view(steps, -1)
+            grad_u_t[start:stop] = gdu.mul_(delta_t[start:stop]).view(steps, -1)
 
-        grad_u = grad_delta_u * delta_t
-        grad_delta = grad_delta_u.mul_(u_t).add_(grad_delta_a)
-
-        dim = groups * per
-        return (_length_last(grad_u, batch, dim, length), _length_last(grad_delta, batch, dim, length),
-                grad_A.view_as(A), _length_last(grad_B, batch, groups, nstate, length),
-                _length_last(grad_C, batch, groups, nstate, length))
+        grad_B, grad_C = (_length_last(grad, batch, groups, nstate, length) for grad in (grad_B, grad_C))
+        return grad_u, grad_delta, grad_A.transpose(1, 2).reshape(dim, nstate), grad_B, grad_C
 
 
 def scan_core_torch(u, delta, A, B, C):

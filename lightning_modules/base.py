@@ -87,6 +87,7 @@ class FusionClassifier(L.LightningModule):
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
+        self.val_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
         self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
         self.test_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
         self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
@@ -144,8 +145,9 @@ class FusionClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         leakage = getattr(getattr(self.trainer, "datamodule", None), "leakage", None)
-        if leakage is not None and self.logger is not None:
-            self.logger.log_metrics({"data/test_pixels_in_train_patches": float(leakage)}, step=0)
+        if leakage is not None:
+            for logger in self.loggers:
+                logger.log_metrics({"data/test_pixels_in_train_patches": float(leakage)}, step=0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, terms = self.training_loss(batch)
@@ -158,11 +160,16 @@ class FusionClassifier(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self.predict_logits(batch)
         self.log("val/loss", self.cross_entropy(logits, batch["label"]), batch_size=batch["label"].shape[0])
-        self.val_metrics.update(logits.argmax(1), batch["label"])
+        preds = logits.argmax(1)
+        self.val_metrics.update(preds, batch["label"])
+        self.val_per_class.update(preds, batch["label"])
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
+        per_class = self.val_per_class.compute()
+        self.log_dict({f"val/acc_{name}": acc for name, acc in zip(self.class_names, per_class)}, sync_dist=True)
         self.val_metrics.reset()
+        self.val_per_class.reset()
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         preds = self.predict_logits(batch).argmax(1)

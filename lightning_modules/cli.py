@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import datamodules  # noqa: F401  (registers the DataModules for short class names)
 import lightning_modules  # noqa: F401  (registers the models)
@@ -13,6 +15,8 @@ from datamodules.io import InputError
 from datamodules.raster import RasterDataModule
 from lightning_modules.base import FusionClassifier
 from lightning_modules.maps import ensure_map_writer
+from lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
+                                         make_wandb_logger)
 
 
 class RSFusionCLI(LightningCLI):
@@ -28,6 +32,25 @@ class RSFusionCLI(LightningCLI):
                             help="after fit, evaluate the best checkpoint on the test set (OA/AA/kappa)")
         parser.add_argument("--map_after_fit", type=bool, default=True,
                             help="after fit, write the full-scene classification map (GeoTIFF + PNG)")
+        parser.add_class_arguments(WandbOptions, "wandb")
+
+    def instantiate_trainer(self, **kwargs):
+        """The configured Trainer plus the optional W&B logger, a learning-rate monitor and the test report."""
+        trainer = super().instantiate_trainer(**kwargs)
+        options = self._get(self.config_init, "wandb")
+        if options is not None and options.enabled and not trainer.fast_dev_run:
+            if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+                rank_zero_warn("--wandb.enabled: the config already has a WandbLogger; not adding a second one")
+            else:
+                # Inside the first logger's run directory, so W&B files sit beside config.yaml and the maps.
+                save_dir = trainer.log_dir or trainer.default_root_dir
+                trainer.loggers = [*trainer.loggers, make_wandb_logger(options, save_dir)]
+        if trainer.loggers and not trainer.fast_dev_run and not any(
+                isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
+            trainer.callbacks.append(LearningRateMonitor())
+        if not any(isinstance(cb, TestReport) for cb in trainer.callbacks):
+            trainer.callbacks.append(TestReport())
+        return trainer
 
     def before_predict(self) -> None:
         ensure_map_writer(self.trainer)
@@ -44,13 +67,21 @@ class RSFusionCLI(LightningCLI):
             self.trainer.predict(self.model, datamodule=self.datamodule, ckpt_path=ckpt, return_predictions=False)
 
 
+def cli_kwargs() -> dict:
+    """How the console scripts build the CLI (shared with ``rsfusion-compare`` and the sweep tests)."""
+    os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
+        # No credentials: any W&B logger (--wandb.enabled or one in a config) runs offline, never prompts.
+        os.environ["WANDB_MODE"] = "offline"
+    return dict(model_class=FusionClassifier, datamodule_class=RasterDataModule, subclass_mode_model=True,
+                subclass_mode_data=True, seed_everything_default=0, save_config_callback=LoggedSaveConfigCallback,
+                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "yaml"})
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m lightning_modules``)."""
-    os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
     try:
-        RSFusionCLI(FusionClassifier, RasterDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                           seed_everything_default=0, save_config_kwargs={"overwrite": True},
-                           parser_kwargs={"parser_mode": "yaml"}, args=args)
+        RSFusionCLI(**cli_kwargs(), args=args)
     except Exception as err:
         # Bad input: one line naming the file and the problem, not a traceback. jsonargparse re-wraps
         # errors raised while it instantiates the DataModule, so look for ours inside its message.

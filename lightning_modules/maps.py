@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.io import atomic_path, write_geotiff
 
@@ -50,13 +51,23 @@ class ClassificationMapWriter(Callback):
     def __init__(self, output_dir: str | None = None, name: str = "classification_map"):
         self.output_dir, self.name = output_dir, name
         self.class_map: np.ndarray | None = None
+        self.progress = None
         self.paths: dict[str, Path] = {}
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        from lightning_modules.reporting import Progress
+
         dm = trainer.datamodule
         self.class_map = np.zeros(dm.shape, dtype=np.uint16)
+        # Lightning's bar shows progress and ETA; without it (logs, batch jobs) report every 10 %.
+        self.progress = None if trainer.progress_bar_callback is not None else Progress("full-scene prediction",
+                                                                                         bar=False)
+        self._batches_done, self._start = 0, time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batches_done += 1
+        if self.progress is not None:
+            self.progress(self._batches_done, int(sum(trainer.num_predict_batches)))
         pred = outputs["pred"].cpu().numpy().astype(np.uint16) + 1
         if "index" in outputs:
             rows, cols = outputs["index"].cpu().numpy().T
@@ -70,6 +81,8 @@ class ClassificationMapWriter(Callback):
             self.class_map[gy[inside], gx[inside]] = tile[ys[inside], xs[inside]]
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:
+            self.class_map = merge_rank_maps(trainer, pl_module, self.class_map)
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
@@ -81,7 +94,30 @@ class ClassificationMapWriter(Callback):
         write_geotiff(tif, data, dm.scene.crs, dm.scene.transform, nodata=0, colormap=colormap)
         render_png(png, data, dm.class_names, dm.palette, title=type(pl_module).__name__)
         self.paths = {"tif": tif, "png": png}
-        rank_zero_info(f"Classification map written to {tif} and {png}")
+        seconds = time.perf_counter() - self._start
+        rank_zero_info(f"Classification map written to {tif} and {png} ({int((data > 0).sum()):,} pixels "
+                       f"predicted in {seconds:.1f} s)")
+        from lightning_modules.reporting import log_picture
+
+        log_picture(trainer, "predict/classification_map", png, f"{type(pl_module).__name__} classification map")
+
+
+def merge_rank_maps(trainer, pl_module, class_map: np.ndarray) -> np.ndarray:
+    """Under DDP each rank predicted a share of the windows: gather the shares into one map (every rank).
+
+    0 = not written by that rank. A pixel written by several ranks (the distributed sampler pads the
+    last share with repeated windows) must get the same class from each; disagreements are reported.
+    """
+    import torch
+
+    local = torch.from_numpy(class_map.astype(np.int32)).to(pl_module.device)
+    shares = trainer.strategy.all_gather(local).cpu().numpy()  # (world, H, W)
+    merged = shares.max(0)
+    disagree = ((shares > 0) & (shares != merged)).any(0)
+    if disagree.any():
+        rank_zero_warn(f"full-scene prediction: {int(disagree.sum())} pixels were predicted differently by "
+                       f"different ranks; the map keeps the highest class id")
+    return merged.astype(np.uint16)
 
 
 def ensure_map_writer(trainer) -> ClassificationMapWriter:

@@ -1,0 +1,325 @@
+"""BDGF end to end: DDPM pre-training, feature-bank cache, guided classifier, configs."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from datamodules.feature_bank import load_bank
+from datamodules.raster import RasterDataModule
+from datamodules.synthetic import ensure_scene
+from lightning_modules import BDGF, BDGFPretrain
+from lightning_modules.bdgf import FEATURE_KEY, RandomSceneTiles, load_ddpm_payload, payload_digest, pretrain_ddpm
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_berlin", "bdgf_yellow_river_template",
+           "bdgf_lcz_hk_template"]
+TINY_DDPM = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=4,
+                 norm_groups=4, dropout=0.0, num_timesteps=50, mask_window=2)
+TINY_NET = dict(dim=16, proj_dim=8, mamba_kwargs={"d_state": 4}, transformer_kwargs={"heads": 2})
+CHANNELS = {"hsi": 6, "sar": 2}
+PATCH = 5
+
+
+@pytest.fixture(scope="module")
+def scene_paths(tmp_path_factory):
+    return ensure_scene(tmp_path_factory.mktemp("bdgf_scene"), "hsi_sar", seed=0, height=16, width=16, bands=6,
+                        train_per_class=6)
+
+
+@pytest.fixture
+def make_dm(scene_paths):
+    """A fresh, set-up DataModule over the tiny scene (each has its own Scene object)."""
+    def make(**kwargs):
+        dm = RasterDataModule({"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
+                              train_labels=str(scene_paths["train"]), test_labels=str(scene_paths["test"]),
+                              val_labels=str(scene_paths["val"]), **{"patch_size": PATCH, "batch_size": 8, **kwargs})
+        dm.setup("fit")
+        return dm
+    return make
+
+
+def tiny_bdgf(**kwargs) -> BDGF:
+    cfg = dict(in_channels=CHANNELS, num_classes=6, patch_size=PATCH, ddpm=TINY_DDPM, feature_levels=[0, 1],
+               guide_levels={"cnn": 0, "mamba": 1, "transformer": 1}, feature_timesteps=[5], feature_tile=8,
+               feature_overlap=4, pretrain_steps=2, pretrain_batch_size=2, pretrain_tile=8, **TINY_NET)
+    cfg.update(kwargs)
+    return BDGF(**cfg)
+
+
+def unpadded(dm) -> dict[str, np.ndarray]:
+    p = dm.scene.pad
+    return {n: dm.scene.data[n][:, p:-p, p:-p] for n in CHANNELS}
+
+
+@pytest.fixture(scope="module")
+def ddpm_files(tmp_path_factory, scene_paths):
+    """Two tiny DDPMs pre-trained on the scene with different seeds (2 steps each)."""
+    folder = tmp_path_factory.mktemp("ddpms")
+    dm = RasterDataModule({"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
+                          train_labels=str(scene_paths["train"]), test_labels=str(scene_paths["test"]),
+                          val_labels=str(scene_paths["val"]), patch_size=PATCH)
+    dm.load()
+    paths = []
+    for seed in (0, 1):
+        payload = pretrain_ddpm(unpadded(dm), TINY_DDPM, steps=2, batch_size=2, tile=8, seed=seed)
+        torch.save(payload, folder / f"ddpm{seed}.pt")
+        paths.append(folder / f"ddpm{seed}.pt")
+    return paths
+
+
+def test_pretraining_is_deterministic_and_seed_dependent(ddpm_files, make_dm):
+    again = pretrain_ddpm(unpadded(make_dm()), TINY_DDPM, steps=2, batch_size=2, tile=8, seed=0)
+    first, second = (load_ddpm_payload(p) for p in ddpm_files)
+    assert payload_digest(again) == payload_digest(first) != payload_digest(second)
+    assert again["modality_channels"] == CHANNELS and again["config"]["base_channels"] == 8
+
+
+def test_bank_cache_key_follows_the_ddpm(tmp_path, ddpm_files, make_dm):
+    cache = tmp_path / "cache"
+    dms = [make_dm() for _ in range(3)]
+    models = [tiny_bdgf(ddpm_checkpoint=str(p), cache_dir=str(cache))
+              for p in (ddpm_files[0], ddpm_files[1], ddpm_files[0])]
+    for model, dm in zip(models, dms):
+        model.prepare_feature_bank(dm.scene)
+    keys = [m._bank_key for m in models]
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    assert sorted(p.stem for p in (cache / "banks").glob("*.npy")) == sorted({keys[0], keys[1]})
+    banks = [dm.scene.data[FEATURE_KEY] for dm in dms]
+    # 8 + 16 channels of decoder levels 0 and 1, reflect-padded like the raw modalities
+    assert banks[0].shape == (24, 16 + 2 * PATCH, 16 + 2 * PATCH) and banks[0].dtype == np.float16
+    assert not np.array_equal(banks[0], banks[1])
+    np.testing.assert_array_equal(banks[0], banks[2])
+    assert not (cache / "ddpm").exists()  # a given checkpoint is never pre-trained or cached again
+
+
+def test_truncated_bank_is_detected_and_rebuilt(tmp_path, ddpm_files, make_dm):
+    cache = tmp_path / "cache"
+    first_dm = make_dm()
+    tiny_bdgf(ddpm_checkpoint=str(ddpm_files[0]), cache_dir=str(cache)).prepare_feature_bank(first_dm.scene)
+    (path,) = (cache / "banks").glob("*.npy")
+    good = np.load(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a half-written file under the final name
+    cube, reason = load_bank(path, good.shape)
+    assert cube is None and "truncated" in reason
+    dm = make_dm()
+    with pytest.warns(UserWarning, match="unusable .*truncated.*rebuilding"):
+        tiny_bdgf(ddpm_checkpoint=str(ddpm_files[0]), cache_dir=str(cache)).prepare_feature_bank(dm.scene)
+    np.testing.assert_array_equal(np.load(path), good)
+    np.testing.assert_array_equal(dm.scene.data[FEATURE_KEY], first_dm.scene.data[FEATURE_KEY])
+
+
+def _coded_bank(path: Path, channels: int = 3, size: int = 16) -> np.ndarray:
+    c, y, x = np.meshgrid(np.arange(channels), np.arange(size), np.arange(size), indexing="ij")
+    cube = (c * 256 + y * size + x).astype(np.float32)  # integers < 2048: exact in fp16
+    np.save(path, cube)
+    return cube
+
+
+def test_feature_bank_file_is_used_as_given(tmp_path, make_dm):
+    cube = _coded_bank(tmp_path / "bank.npy")
+    model = tiny_bdgf(feature_bank=str(tmp_path / "bank.npy"), feature_bank_split=[1, 2], cache_dir=str(tmp_path / "c"))
+    assert model.guide_slices == {"cnn": (0, 1), "mamba": (1, 3), "transformer": (1, 3)}
+    assert model.net.branches["cnn"].guide_proj[0].in_channels == 1
+    assert model.net.branches["transformer"].guide_proj.in_channels == 2
+    dm = make_dm()
+    model.prepare_feature_bank(dm.scene)
+    data = dm.train_dataset
+    idx = [0, 3, len(data) - 1]
+    batch = data.__getitems__(idx)
+    centre = (PATCH - 1) // 2
+    expected = cube[:, data.rows[idx], data.cols[idx]].T
+    np.testing.assert_array_equal(batch[FEATURE_KEY][:, :, centre, centre].float().numpy(), expected)
+    guides = model._guides(batch)
+    assert torch.equal(guides["cnn"], batch[FEATURE_KEY][:, :1].float())
+    assert torch.equal(guides["mamba"], batch[FEATURE_KEY][:, 1:3].float())
+    assert not (tmp_path / "c").exists()  # no DDPM, no cache
+    whole = tiny_bdgf(feature_bank=str(tmp_path / "bank.npy"))
+    assert all(s == (0, 3) for s in whole.guide_slices.values())
+
+
+@pytest.mark.parametrize("ml", ["none", "prob", "feat", "both"])
+def test_each_mutual_learning_switch_trains_a_step(tmp_path, make_dm, ml):
+    np.save(tmp_path / "bank.npy", np.random.default_rng(0).standard_normal((5, 16, 16)).astype(np.float32))
+    torch.manual_seed(0)
+    model = tiny_bdgf(feature_bank=str(tmp_path / "bank.npy"), ml=ml)
+    dm = make_dm()
+    model.prepare_feature_bank(dm.scene)
+    batch = next(iter(dm.train_dataloader()))
+    loss, terms = model.training_loss(batch)
+    ml_part = {"none": 0.0, "prob": terms["prob_kl"] + 0.1 * terms["entropy_gap"], "feat": 0.5 * terms["feat_cos"],
+               "both": terms["prob_kl"] + 0.1 * terms["entropy_gap"] + 0.5 * terms["feat_cos"]}[ml]
+    assert torch.isfinite(loss) and float(terms["ml_weight"]) == 1.0  # no trainer: warm-up over
+    assert torch.allclose(loss, terms["ce"] + ml_part)
+    assert terms["prob_kl"].detach() > 0 and terms["feat_cos"].detach() > 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    loss.backward()
+    for b in ("cnn", "mamba", "transformer"):
+        grads = [p.grad for p in model.net.branches[b].guide_proj.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), b  # the guide is used and trained
+    opt.step()
+    changed = [n for n, p in model.net.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("branches.mamba.guide_proj") for n in changed)
+    assert any(n.startswith("projectors.") for n in changed) == (ml in ("feat", "both"))
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"ddpm: unknown keys \['base_width'\]"):
+        tiny_bdgf(ddpm={"base_width": 8})
+    with pytest.raises(ValueError, match=r"guide_levels \{'mamba': 2\} must be among feature_levels \[0, 1\]"):
+        tiny_bdgf(guide_levels={"cnn": 0, "mamba": 2})
+    np.save(tmp_path / "bank.npy", np.zeros((4, 16, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"feature_bank_split \[1, 2\] must be positive and sum to the bank's 4"):
+        tiny_bdgf(feature_bank=str(tmp_path / "bank.npy"), feature_bank_split=[1, 2])
+    with pytest.raises(ValueError, match="ddpm_checkpoint.*not found"):
+        tiny_bdgf(ddpm_checkpoint=str(tmp_path / "missing.ckpt"))
+
+
+def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
+    from lightning_modules.base import FusionClassifier
+    from lightning_modules.cli import RSFusionCLI
+
+    config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
+    config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
+    config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
+                                   "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
+                                   "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4}
+    config["trainer"].update(max_steps=-1, max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1,
+                             default_root_dir=str(tmp_path),
+                             enable_progress_bar=False, enable_model_summary=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = RSFusionCLI(FusionClassifier, RasterDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                      args=["fit", "--config", str(path)])
+    assert isinstance(cli.model, BDGFPretrain) and isinstance(cli.datamodule.train_dataset, RandomSceneTiles)
+    rows = list(csv.DictReader(next(tmp_path.glob("version_0/metrics.csv")).open()))
+    p_hsi = [float(r["train/p_mask/hsi"]) for r in rows if r.get("train/p_mask/hsi")]
+    p_sar = [float(r["train/p_mask/sar"]) for r in rows if r.get("train/p_mask/sar")]
+    assert len(p_hsi) == len(p_sar) == 12  # every optimiser step: 2 epochs x 24 tiles / batch 4
+    assert p_hsi[0] == pytest.approx(0.3) and p_sar[0] == pytest.approx(0.1)
+    assert (p_hsi[-1], p_sar[-1]) != (0.3, 0.1) and all(0.05 <= p <= 0.5 for p in p_hsi + p_sar)
+    assert any(r.get("val/ddpm_loss") for r in rows)
+    ckpt = next(tmp_path.glob("version_0/checkpoints/*.ckpt"))
+    payload = load_ddpm_payload(ckpt)
+    assert payload["modality_channels"] == CHANNELS and payload["masking"]["hsi"] == pytest.approx(p_hsi[-1])
+    # the EMA weights of the checkpoint drive a BDGF
+    model = tiny_bdgf(ddpm_checkpoint=str(ckpt), patch_size=8)
+    assert model.bank_channels == 24
+
+
+def _script() -> str:
+    found = shutil.which("rsfusion", path=str(Path(sys.executable).parent)) or shutil.which("rsfusion")
+    if found is None:
+        pytest.skip("console script 'rsfusion' not installed (pip install -e .)")
+    return found
+
+
+def _run(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _test_oa(stdout: str) -> str | None:
+    """The test/OA value printed in the metrics table."""
+    for line in stdout.splitlines():
+        cells = line.replace("│", " ").split()
+        if cells[:1] == ["test/OA"]:
+            return cells[1]
+    return None
+
+
+def _tiny_synthetic_config(tmp_path: Path, cache: Path) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "bdgf_synthetic.yaml").read_text())
+    model = config["model"]["init_args"]
+    model.update(cache_dir=str(cache), ddpm=TINY_DDPM, pretrain_steps=3, pretrain_batch_size=4, pretrain_tile=8,
+                 feature_levels=[0, 1], guide_levels={"cnn": 0, "mamba": 1, "transformer": 1}, feature_timesteps=[5],
+                 feature_tile=8, feature_overlap=4, **TINY_NET)
+    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=16, scene_width=16,
+                                       train_per_class=6, patch_size=PATCH, batch_size=16, pca={"hsi": 4})
+    config["trainer"].update(max_epochs=1, limit_train_batches=2, default_root_dir=str(tmp_path / "runs"),
+                             enable_progress_bar=False, enable_model_summary=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "bdgf.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
+    cache = tmp_path / "cache"
+    config = _tiny_synthetic_config(tmp_path, cache)
+    first = _run([_script(), "fit", "--config", str(config)], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "no cached DDPM" in first.stderr and "BDGF pretrain step 3/3" in first.stderr
+    assert "feature bank (24, 16, 16) saved" in first.stderr
+    assert "test/OA_mamba" in first.stdout and "test/kappa" in first.stdout
+    assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
+    assert (tmp_path / "runs" / "version_0" / "predictions" / "classification_map.tif").stat().st_size > 0
+    ckpt = next((tmp_path / "runs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    cached = next((cache / "ddpm").glob("*.pt"))
+    assert payload_digest(load_ddpm_payload(ckpt)) == payload_digest(load_ddpm_payload(cached))
+    metrics = csv.DictReader((tmp_path / "runs" / "version_0" / "metrics.csv").open())
+    val_rows = [r for r in metrics if r.get("val/OA_cnn")]
+    assert val_rows and all(0 <= float(val_rows[0][f"val/OA_{b}"]) <= 1 for b in ("cnn", "mamba", "transformer"))
+
+    second = _run([_script(), "fit", "--config", str(config)], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "DDPM cache hit" in second.stderr and "feature bank cache hit" in second.stderr
+    assert "pretrain" not in second.stderr.replace("(no pretraining)", "") and "extracting" not in second.stderr
+    assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
+    assert _test_oa(first.stdout) is not None and _test_oa(second.stdout) == _test_oa(first.stdout)  # same run
+
+    # test from the checkpoint with the cache deleted: the DDPM comes from the checkpoint (no
+    # pretraining), only the bank is rebuilt, and the metrics are those of the fit's own test
+    shutil.rmtree(cache)
+    test = _run([_script(), "test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "no cached DDPM" not in test.stderr and "pretrain step" not in test.stderr
+    assert "feature bank (24, 16, 16) saved" in test.stderr
+    assert not (cache / "ddpm").exists() and len(list((cache / "banks").glob("*.npy"))) == 1
+    assert _test_oa(test.stdout) == _test_oa(first.stdout)
+    assert _test_oa(first.stdout) is not None and _test_oa(test.stdout)[:6] == _test_oa(first.stdout)[:6]
+
+
+def test_spec_default_sizes():
+    model = BDGF(in_channels={"hsi": 30, "sar": 4}, num_classes=7)
+    # decoder levels 0/1/2 of the default UNet (base 64, mult 1, 2, 2), timesteps averaged
+    assert model.guide_slices == {"cnn": (0, 64), "mamba": (64, 192), "transformer": (192, 320)}
+    assert model.bank_channels == 320 and model.net.patch_size == 11
+    classifier_params = sum(p.numel() for p in model.net.parameters())
+    assert 300_000 < classifier_params < 800_000  # spec 6.4: about 0.3-0.6 M, plus the guide projections
+    unguided = BDGF(in_channels={"hsi": 30, "sar": 4}, num_classes=7, guide_levels={})
+    assert unguided.bank_channels == 0 and unguided._guides({}) == {}
+    assert not any(b.guided for b in unguided.net.branches.values())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_parse_without_their_data(name, capsys):
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]
+    assert model["class_path"] == ("lightning_modules.BDGFPretrain" if "pretrain" in name else "lightning_modules.BDGF")
+    data = printed["data"]["init_args"]
+    if name != "bdgf_synthetic":
+        assert printed["data"]["class_path"] == "datamodules.RasterDataModule"
+        assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
+    if name in ("bdgf_augsburg", "bdgf_berlin"):
+        assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}
+        assert model["init_args"]["feature_timesteps"] == [50, 150] and model["init_args"]["pretrain_steps"] == 30000
+        assert len(data["class_names"]) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
+    if name == "bdgf_pretrain_augsburg":
+        assert printed["test_after_fit"] is False and printed["trainer"]["gradient_clip_val"] == 1.0
