@@ -21,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 TINY_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -30,7 +32,20 @@ TINY_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 
 def build(name: str, args):
     """(model, batch maker, DataModule kwargs for full-scene prediction)."""
-    from lightning_modules import DAS2F, M3amba, TwoBranchCNN
+    from lightning_modules import BDGF, DAS2F, M3amba, TwoBranchCNN
+
+    if name == "bdgf":
+        # Stage 2 at the spec's sizes (HSI PCA 30, patch 11, guides of 64/128/128 channels; SAR with the
+        # synthetic scene's 2 bands instead of Augsburg's 4),
+        # reading a ready (320, H, W) feature bank: stages 1 and 1b are timed in the notes column.
+        bank = Path(tempfile.mkdtemp()) / "bank.npy"
+        np.save(bank, np.random.default_rng(0).random((320, args.scene, args.scene), dtype=np.float32)
+                .astype(np.float16))
+        model = BDGF(in_channels={"hsi": 30, "sar": 2}, num_classes=6, patch_size=11, feature_bank=str(bank),
+                     feature_bank_split=[64, 128, 128])
+        make = lambda b: {"hsi": torch.rand(b, 30, 11, 11), "sar": torch.rand(b, 2, 11, 11),  # noqa: E731
+                          "ddpm_features": torch.rand(b, 320, 11, 11).half(), "label": torch.randint(0, 6, (b,))}
+        return model, make, dict(kind="hsi_sar", patch_size=11, pca={"hsi": 30})
 
     if name.startswith("das2f"):
         variant = name.split("_")[1]
@@ -83,10 +98,34 @@ def measure(name: str, args) -> dict:
     infer_s = timed(infer, args.batches)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "train_per_s": args.batch_size / train_s, "infer_per_s": args.batch_size / infer_s}
+    if name == "bdgf":
+        row["notes"] = bdgf_stages(args)
     if scene is not None and args.scene > 0:
         row.update(predict_scene(model, scene, args))
     row["peak_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     return row
+
+
+def bdgf_stages(args) -> str:
+    """Stage 1 (DDPM step) and 1b (feature bank) at the spec's sizes, for the notes column."""
+    from lightning_modules.bdgf import BDGFDiffusion
+    from lightning_modules.networks.bdgf_diffusion import extract_feature_cube
+
+    diffusion = BDGFDiffusion({"hsi": 30, "sar": 4})
+    opt = torch.optim.AdamW(diffusion.denoiser.parameters(), lr=1e-4)
+    x0 = torch.randn(args.batch_size, 34, 32, 32)
+
+    def ddpm_step():
+        loss = diffusion.training_loss(x0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step = timed(ddpm_step, 1)
+    cube = {"hsi": torch.randn(30, 64, 64), "sar": torch.randn(4, 64, 64)}
+    bank = timed(lambda: extract_feature_cube(diffusion.ema, diffusion.schedule, cube), 1)
+    return (f"stage 1: {1 / step:.2f} it/s (batch {args.batch_size} x 32x32); "
+            f"feature bank: {bank / (64 * 64) * 1e6 / 60:.1f} min/megapixel")
 
 
 def predict_scene(model, scene: dict, args) -> dict:
@@ -111,7 +150,7 @@ def predict_scene(model, scene: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["baseline", "das2f_nanjing", "das2f_smallxian",
-                                                        "m3amba_fast", "m3amba_faithful"])
+                                                        "m3amba_fast", "m3amba_faithful", "bdgf"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -134,13 +173,13 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"batch {args.batch_size}, {args.threads} thread(s), CPU; scene {args.scene}x{args.scene} px\n")
     print("| model | trainable params | train samples/s | inference samples/s | peak memory | "
-          "full-scene pixels/s | scene / bare forward |")
-    print("|---|---|---|---|---|---|---|")
+          "full-scene pixels/s | scene / bare forward | notes |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         scene = r.get("scene_px_per_s")
         ratio = f"{100 * scene / r['infer_per_s']:.0f}%" if scene else "-"
         print(f"| {r['model']} | {r['params']:,} | {r['train_per_s']:.1f} | {r['infer_per_s']:.1f} | "
-              f"{r['peak_mb']:.0f} MB | {f'{scene:,.0f}' if scene else '-'} | {ratio} |")
+              f"{r['peak_mb']:.0f} MB | {f'{scene:,.0f}' if scene else '-'} | {ratio} | {r.get('notes', '')} |")
 
 
 if __name__ == "__main__":
