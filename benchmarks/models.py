@@ -6,7 +6,8 @@
 Each model runs in its own subprocess so that its peak memory (resident set growth) is its own.
 Models run at the authors' input geometry unless the name says otherwise; M3amba at full width is
 slow on a CPU, so ``m3amba_*`` use the Houston2013 width with ``--m3amba-depth`` steps (default 1 of
-9; per-step cost is uniform, so depth-9 cost is about 9x the step cost on top of CLIP).
+9; per-step cost is uniform, so depth-9 cost is about 9x the step cost on top of CLIP). Dense models
+(M3amba) count pixels: one 32x32 tile is 1,024 samples.
 
 Full-scene prediction runs the real path (DataModule windows -> Trainer.predict -> map writer) on a
 synthetic scene and is reported next to the bare forward throughput on ready-made batches: their
@@ -54,11 +55,13 @@ def build(name: str, args):
                           "label": torch.randint(0, 7, (b,))}
         return model, make, dict(kind="ms_pan", patch_size=16, normalization="minmax_global")
     if name.startswith("m3amba"):
-        model = M3amba(in_channels={"hsi": 144, "dsm": 1}, num_classes=15, patch_size=32, depth=args.m3amba_depth,
+        # Houston2013 width (dims 384) with a ViT-B/32-shaped random CLIP, on the synthetic scene's
+        # 48 HSI bands so that full-scene prediction can run on it.
+        model = M3amba(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, patch_size=32, depth=args.m3amba_depth,
                        clip_config=TINY_CLIP, compute_guidance_output=name.endswith("faithful"))
-        make = lambda b: {"hsi": torch.rand(b, 144, 32, 32), "dsm": torch.rand(b, 1, 32, 32),  # noqa: E731
-                          "label": torch.randint(0, 15, (b, 32, 32))}
-        return model, make, None  # a 144-band scene is not what the synthetic generator writes
+        make = lambda b: {"hsi": torch.rand(b, 48, 32, 32), "dsm": torch.rand(b, 1, 32, 32),  # noqa: E731
+                          "label": torch.randint(0, 6, (b, 32, 32))}
+        return model, make, dict(kind="hsi_dsm", sampling="tile", patch_size=32, normalization="minmax")
     model = TwoBranchCNN(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, width=64)
     make = lambda b: {"hsi": torch.rand(b, 48, 11, 11), "dsm": torch.rand(b, 1, 11, 11),  # noqa: E731
                       "label": torch.randint(0, 6, (b,))}
@@ -96,8 +99,10 @@ def measure(name: str, args) -> dict:
 
     train_s = timed(train_step, args.batches)
     infer_s = timed(infer, args.batches)
+    # throughput in pixels for dense models (a 32x32 tile is 1,024 pixels), samples otherwise
+    unit = args.batch_size * (32 * 32 if model.dense_output else 1)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "train_per_s": args.batch_size / train_s, "infer_per_s": args.batch_size / infer_s}
+           "train_per_s": unit / train_s, "infer_per_s": unit / infer_s, "dense": model.dense_output}
     if name == "bdgf":
         row["notes"] = bdgf_stages(args)
     if scene is not None and args.scene > 0:
