@@ -136,6 +136,13 @@ class FusionClassifier(L.LightningModule):
                                               int(has_gauss), float(gauss))}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are loaded: a data/checkpoint band mismatch is one clear line,
+        # not a load_state_dict size error.
+        saved = checkpoint.get("hyper_parameters", {})
+        for key, current in (("in_channels", self.in_channels), ("num_classes", self.num_classes)):
+            expected = saved.get(key)
+            if expected is not None and (dict(expected) if key == "in_channels" else expected) != current:
+                raise InputError(f"the checkpoint was trained with {key}={expected!r}, the data gives {current!r}")
         states = checkpoint.get("rng_states")
         if states is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(states["torch"])

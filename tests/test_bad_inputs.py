@@ -104,3 +104,16 @@ def test_nan_inf_pixels_are_masked_and_all_nodata_is_refused(grid):
 def test_too_large_patch(grid):
     with pytest.raises(ValueError, match=r"patch_size 9 is larger than the scene \(8, 8\)"):
         _dm(grid, patch_size=9)
+
+
+def test_checkpoint_band_counts_must_match_the_data():
+    from datamodules.io import InputError
+    from lightning_modules import TwoBranchCNN
+
+    model = TwoBranchCNN(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, width=4)
+    with pytest.raises(InputError, match=r"trained with in_channels=\{'hsi': 30, 'dsm': 1\}, the data gives "
+                                         r"\{'hsi': 48, 'dsm': 1\}"):
+        model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 30, "dsm": 1}, "num_classes": 6}})
+    with pytest.raises(InputError, match=r"num_classes=7, the data gives 6"):
+        model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "dsm": 1}, "num_classes": 7}})
+    model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "dsm": 1}, "num_classes": 6}})

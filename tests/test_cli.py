@@ -24,7 +24,8 @@ def _script(name: str) -> str:
 
 
 def _run(args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    # one thread: the map/metric comparisons between processes below are bit for bit
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -33,7 +33,8 @@ def _config(tmp_path: Path, name: str, scene: Path) -> Path:
 def _fit(config: Path, *extra: str, wait: bool = True):
     cmd = [str(Path(sys.executable).parent / "rsfusion"), "fit", "--config", str(config), "--test_after_fit", "false",
            "--map_after_fit", "false", *extra]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # One thread: multi-threaded CPU reductions may differ in the last bits between processes.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=config.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = subprocess.run(cmd, cwd=config.parent, env=env, capture_output=True, text=True, timeout=600)
