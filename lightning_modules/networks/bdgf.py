@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.networks.bdgf_diffusion import check_modality_channels
 from lightning_modules.networks.ss2d import SS2D
 
 __all__ = [
@@ -58,17 +59,6 @@ DEFAULT_GUIDE_LEVELS = {"cnn": 0, "mamba": 1, "transformer": 2}
 ML_MODES = ("none", "prob", "feat", "both")
 
 
-def _check_modality_channels(modality_channels: Mapping[str, int]) -> dict[str, int]:
-    if not modality_channels:
-        raise ValueError("modality_channels must name at least one modality")
-    for name, c in modality_channels.items():
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"modality_channels: invalid modality name {name!r}")
-        if int(c) < 1:
-            raise ValueError(f"modality_channels[{name!r}] must be >= 1, got {c}")
-    return {n: int(c) for n, c in modality_channels.items()}
-
-
 def _conv_bn_gelu(cin: int, cout: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
                          nn.BatchNorm2d(cout), nn.GELU())
@@ -85,7 +75,7 @@ class ModalityStem(nn.Module):
 
     def __init__(self, modality_channels: Mapping[str, int], dim: int = 64, modality_dim: int | None = None):
         super().__init__()
-        self.modality_channels = _check_modality_channels(modality_channels)
+        self.modality_channels = check_modality_channels(modality_channels)
         modality_dim = dim // 2 if modality_dim is None else modality_dim
         if dim < 1 or modality_dim < 1:
             raise ValueError(f"dim and modality_dim must be >= 1, got {dim}, {modality_dim}")
@@ -348,7 +338,7 @@ class BDGFNet(nn.Module):
         unknown = set(guide_channels) - set(BRANCHES)
         if unknown:
             raise ValueError(f"guide_channels has unknown branches {sorted(unknown)}")
-        self.modality_channels = _check_modality_channels(modality_channels)
+        self.modality_channels = check_modality_channels(modality_channels)
         self.num_classes, self.patch_size = num_classes, patch_size
         self.branches = nn.ModuleDict()
         if "cnn" in branches:

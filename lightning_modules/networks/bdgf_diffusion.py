@@ -59,7 +59,7 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def _check_modality_channels(modality_channels: Mapping[str, int]) -> dict[str, int]:
+def check_modality_channels(modality_channels: Mapping[str, int]) -> dict[str, int]:
     if not modality_channels:
         raise ValueError("modality_channels must name at least one modality")
     for name, channels in modality_channels.items():
@@ -216,7 +216,7 @@ class MultimodalDenoiserUNet(nn.Module):
                  norm_groups: int = 32, time_embed_mult: int = 4, mask_fill: str = "learned",
                  mask_indicator: str = "channel"):
         super().__init__()
-        self.modality_channels = _check_modality_channels(modality_channels)
+        self.modality_channels = check_modality_channels(modality_channels)
         _check_choice("norm", norm, ("group", "none"))
         _check_choice("mask_fill", mask_fill, MASK_FILLS)
         _check_choice("mask_indicator", mask_indicator, MASK_INDICATORS)
