@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.io import atomic_path, write_geotiff
 
@@ -55,8 +55,13 @@ class ClassificationMapWriter(Callback):
         self.paths: dict[str, Path] = {}
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        from datamodules.io import InputError
         from lightning_modules.reporting import Progress
 
+        if trainer.world_size > 1:
+            # Each rank would hold only its share of the windows: refuse rather than write a map with gaps.
+            raise InputError("full-scene prediction does not support several processes yet; run `predict` with "
+                             "--trainer.devices 1 --trainer.num_nodes 1")
         dm = trainer.datamodule
         self.class_map = np.zeros(dm.shape, dtype=np.uint16)
         # Lightning's bar shows progress and ETA; without it (logs, batch jobs) report every 10 %.
@@ -81,8 +86,6 @@ class ClassificationMapWriter(Callback):
             self.class_map[gy[inside], gx[inside]] = tile[ys[inside], xs[inside]]
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        if trainer.world_size > 1:
-            self.class_map = merge_rank_maps(trainer, pl_module, self.class_map)
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
@@ -100,24 +103,6 @@ class ClassificationMapWriter(Callback):
         from lightning_modules.reporting import log_picture
 
         log_picture(trainer, "predict/classification_map", png, f"{type(pl_module).__name__} classification map")
-
-
-def merge_rank_maps(trainer, pl_module, class_map: np.ndarray) -> np.ndarray:
-    """Under DDP each rank predicted a share of the windows: gather the shares into one map (every rank).
-
-    0 = not written by that rank. A pixel written by several ranks (the distributed sampler pads the
-    last share with repeated windows) must get the same class from each; disagreements are reported.
-    """
-    import torch
-
-    local = torch.from_numpy(class_map.astype(np.int32)).to(pl_module.device)
-    shares = trainer.strategy.all_gather(local).cpu().numpy()  # (world, H, W)
-    merged = shares.max(0)
-    disagree = ((shares > 0) & (shares != merged)).any(0)
-    if disagree.any():
-        rank_zero_warn(f"full-scene prediction: {int(disagree.sum())} pixels were predicted differently by "
-                       f"different ranks; the map keeps the highest class id")
-    return merged.astype(np.uint16)
 
 
 def ensure_map_writer(trainer) -> ClassificationMapWriter:
