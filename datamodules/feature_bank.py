@@ -73,15 +73,20 @@ def load_bank(path: str | Path, shape: tuple[int, int, int]) -> tuple[np.ndarray
     return cube, ""
 
 
-def read_external_bank(path: str | Path, height: int, width: int) -> np.ndarray:
-    """A user-given (F, H, W) ``.npy`` cube on the scene grid, as float16 (any channel count F)."""
-    path = Path(path)
+def _open_external(path: Path) -> np.ndarray:
+    """Memory-map a user-given ``.npy`` cube (header and data checks are the callers')."""
     if not path.is_file():
         raise InputError(f"{path}: feature bank file not found")
     try:
-        cube = np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path}: cannot read the feature bank ({err})") from None
+
+
+def read_external_bank(path: str | Path, height: int, width: int) -> np.ndarray:
+    """A user-given (F, H, W) ``.npy`` cube on the scene grid, as float16 (any channel count F)."""
+    path = Path(path)
+    cube = _open_external(path)
     if cube.ndim != 3 or cube.shape[1:] != (height, width):
         raise InputError(f"{path}: expected a (F, {height}, {width}) feature cube on the scene grid, "
                          f"got shape {cube.shape}")
@@ -94,12 +99,7 @@ def read_external_bank(path: str | Path, height: int, width: int) -> np.ndarray:
 def external_bank_channels(path: str | Path) -> int:
     """Channel count F of a (F, H, W) ``.npy`` cube, read from its header only."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: feature bank file not found")
-    try:
-        cube = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"{path}: cannot read the feature bank ({err})") from None
+    cube = _open_external(path)
     if cube.ndim != 3:
         raise InputError(f"{path}: expected a (F, H, W) feature cube, got shape {cube.shape}")
     return int(cube.shape[0])

@@ -15,6 +15,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # The tests use tiny tensors, for which thread start-up costs far more than it saves.
 torch.set_num_threads(1)
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REAL_RASTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-rasters"
 
 
@@ -41,3 +42,20 @@ def tiny_hsi_scene(tmp_path_factory) -> dict[str, Path]:
 
     return ensure_scene(tmp_path_factory.mktemp("scenes"), "hsi_dsm", seed=0, height=40, width=48, bands=8,
                         train_per_class=15)
+
+
+def tiny_config(tmp_path: Path, name: str, data: dict, model: dict, **trainer) -> Path:
+    """``configs/<name>.yaml`` shrunk for a test: data/model overrides, outputs under ``tmp_path/runs``."""
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    config["data"]["init_args"].update(root=str(tmp_path / "scene"), **data)
+    config["model"]["init_args"].update(model)
+    runs = tmp_path / "runs"
+    config["trainer"].update(default_root_dir=str(runs), enable_progress_bar=False, **trainer)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(runs)
+    for callback in config["trainer"]["callbacks"]:
+        callback["init_args"]["dirpath"] = str(runs / "checkpoints")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

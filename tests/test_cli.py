@@ -13,6 +13,8 @@ import pytest
 import rasterio
 import yaml
 
+from tests.conftest import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,17 +39,8 @@ def test_console_scripts_reach_the_cli(name):
 
 
 def _tiny_config(tmp_path: Path) -> Path:
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=32, scene_width=40,
-                                       train_per_class=12, patch_size=5, batch_size=32)
-    config["model"]["init_args"]["width"] = 8
-    config["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    for callback in config["trainer"]["callbacks"]:
-        callback["init_args"]["dirpath"] = str(tmp_path / "runs" / "checkpoints")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_config(tmp_path, "demo", dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5,
+                                              batch_size=32), dict(width=8), max_epochs=2)
 
 
 def test_fit_tests_and_writes_a_georeferenced_map_then_predict_from_checkpoint(tmp_path):

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from datamodules.io import InputError
 from lightning_modules import DAS2F
+from tests.conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=16, d_state=4, dt_rank=4, head_hidden=16)
 
 
@@ -40,15 +39,9 @@ def test_unknown_modality_names_are_a_clear_error():
 
 
 def test_fit_smoke_run_through_the_console_script(tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "das2f_synthetic.yaml").read_text())
-    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=24, scene_width=24,
-                                       train_per_class=8, patch_size=4, batch_size=16)
-    config["model"]["init_args"].update(TINY)
-    config["trainer"].update(max_epochs=1, limit_train_batches=3, default_root_dir=str(tmp_path / "runs"),
-                             enable_progress_bar=False)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    path = tmp_path / "das2f.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_config(tmp_path, "das2f_synthetic", dict(scene_height=24, scene_width=24, train_per_class=8,
+                                                         patch_size=4, batch_size=16), TINY,
+                       max_epochs=1, limit_train_batches=3)
     script = Path(sys.executable).parent / "rsfusion"
     out = subprocess.run([str(script), "fit", "--config", str(path)], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from datamodules.io import InputError
 from lightning_modules import M3amba
+from tests.conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
                  patch_size=8, projection_dim=8)
 TINY = dict(dims=16, depth=1, d_state=2, ssm_ratio=1.0, drop_path_rate=0.0, clip_config=TINY_CLIP)
@@ -66,15 +65,9 @@ def test_pixel_sampling_is_refused():
 
 
 def test_fit_smoke_run_through_the_console_script(tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "m3amba_synthetic.yaml").read_text())
-    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=40, scene_width=40,
-                                       train_per_class=10, patch_size=16, batch_size=8)
-    config["model"]["init_args"].update(TINY)
-    config["trainer"].update(max_epochs=1, limit_train_batches=2, default_root_dir=str(tmp_path / "runs"),
-                             enable_progress_bar=False)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    path = tmp_path / "m3amba.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_config(tmp_path, "m3amba_synthetic", dict(scene_height=40, scene_width=40, train_per_class=10,
+                                                          patch_size=16, batch_size=8), TINY,
+                       max_epochs=1, limit_train_batches=2)
     out = subprocess.run([str(Path(sys.executable).parent / "rsfusion"), "fit", "--config", str(path)], cwd=tmp_path,
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
