@@ -131,3 +131,7 @@ class MSPanDataModule(BenchmarkDataModule):
     name = "MS/PAN"
     files = {"ms": ["ms4.tif"], "pan": ["pan.tif"], "train": ["train.npy", "train.tif"],
              "test": ["test.npy", "test.tif"]}
+
+    def __init__(self, root: str, **kwargs):
+        kwargs.setdefault("allow_even_patch", True)  # 16 x 16 MS patches are the literature's convention
+        super().__init__(root, **kwargs)

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import rasterio
+import rasterio.enums
+import rasterio.windows
 from rasterio.errors import RasterioError
 from affine import Affine
 
@@ -160,27 +162,33 @@ def same_crs(a, b) -> bool:
     return code_a is not None and code_a == code_b
 
 
-def read_raster(path: str | os.PathLike, nodata: float | None = None) -> Raster:
-    """Read a whole raster as (bands, rows, cols) with its validity mask.
+def read_raster(path: str | os.PathLike, nodata: float | None = None,
+                window: tuple[int, int, int, int] | None = None) -> Raster:
+    """Read a raster (or the ``window`` rows r0:r1, cols c0:c1 of it) as (bands, rows, cols) + validity.
 
     A pixel is invalid when any band is NaN/inf or equals the nodata value (the file's own, or
     ``nodata`` given here, which wins). Invalid pixels are never used as samples or labels and their
-    raw values never reach a network.
+    raw values never reach a network. Windows are read from disk alone for GDAL rasters and ``.npy``
+    (memory-mapped); a ``.mat`` file is loaded whole and sliced.
     """
     file, key = split_key(path)
     p = _check_exists(file)
     suffix = p.suffix.lower()
     crs = transform = None
+    rows = cols = slice(None)
+    if window is not None:
+        rows, cols = slice(window[0], window[1]), slice(window[2], window[3])
     if suffix in (".npy", ".mat"):
         try:
-            array = np.load(p) if suffix == ".npy" else _load_mat(p, key)
+            array = np.load(p, mmap_mode="r") if suffix == ".npy" else _load_mat(p, key)
         except (ValueError, OSError) as err:
             raise RasterError(f"{p}: cannot read .npy file ({err})") from None
-        data = _to_chw(np.asarray(array), p, channels_last=True)
+        data = np.ascontiguousarray(_to_chw(array, p, channels_last=True)[:, rows, cols])
     else:
         try:
             with rasterio.open(p) as src:
-                data = src.read()
+                gdal_window = None if window is None else rasterio.windows.Window.from_slices(rows, cols)
+                data = src.read(window=gdal_window)
                 crs, transform = src.crs, src.transform
                 if nodata is None:
                     nodata = src.nodata
@@ -240,6 +248,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private to their writer
     try:
         yield tmp
         os.replace(tmp, path)
@@ -264,3 +275,41 @@ def write_geotiff(path: str | os.PathLike, data: np.ndarray, crs=None, transform
             if descriptions is not None:
                 for i, text in enumerate(descriptions, start=1):
                     dst.set_band_description(i, text)
+
+
+class GeoTiffWriter:
+    """A single-band GeoTIFF written strip by strip (``with`` block), atomically like :func:`write_geotiff`."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], dtype, crs=None,
+                 transform: Affine | None = None, nodata: float | None = None,
+                 colormap: dict[int, Sequence[int]] | None = None):
+        self.path, self.shape, self.colormap = Path(path), shape, colormap
+        self.profile = dict(driver="GTiff", height=shape[0], width=shape[1], count=1, dtype=dtype, crs=crs,
+                            transform=transform or Affine.identity(), nodata=nodata)
+        if shape[0] >= 256 and shape[1] >= 256:
+            self.profile.update(tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+
+    def __enter__(self) -> "GeoTiffWriter":
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._dst = rasterio.open(tmp, "w", **self.profile)
+        if self.colormap is not None:
+            self._dst.write_colormap(1, {int(k): tuple(v) for k, v in self.colormap.items()})
+        return self
+
+    def write(self, rows: np.ndarray, row_offset: int) -> None:
+        """Write full-width ``rows`` (h, W) starting at ``row_offset``."""
+        window = rasterio.windows.Window(0, row_offset, self.shape[1], rows.shape[0])
+        self._dst.write(rows, 1, window=window)
+
+    def __exit__(self, *exc) -> bool:
+        self._dst.close()
+        return self._atomic.__exit__(*exc)
+
+
+def read_preview(path: str | os.PathLike, max_side: int) -> np.ndarray:
+    """Band 1 of a raster, decimated (nearest) so that neither side exceeds ``max_side``."""
+    with rasterio.open(path) as src:
+        step = max(1, -(-max(src.height, src.width) // max_side))
+        shape = (-(-src.height // step), -(-src.width // step))
+        return src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)

@@ -8,13 +8,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from datamodules.io import RasterError, read_header, read_labels
+from datamodules.io import InputError, RasterError, read_header, read_labels
 from datamodules.sampling import (IGNORE_INDEX, EpochShuffleSampler, PixelPatchDataset, TileDataset, collate,
                                   covering_tiles)
-from datamodules.scene import Normalization, Scene, check_label_grid, grid_ratios, load_scene, reference_header
+from datamodules.scene import (Normalization, Normalizer, Scene, check_label_grid, grid_ratios, load_scene,
+                              reference_header)
 from datamodules.splits import block_split, pixels_inside_patches
+from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class RasterDataModule(L.LightningDataModule):
         sampling: ``pixel`` = one sample per labelled pixel with a ``patch_size`` window centred on it
             (label = the centre's class); ``tile`` = dense ``patch_size`` tiles at ``train_stride`` for
             training and a covering grid (each pixel once, edges included) for evaluation.
+        allow_even_patch: accept an even ``patch_size`` with ``pixel`` sampling (the pixel then sits
+            at index (p-1)//2, e.g. 7 of 16, as in the MS/PAN literature); refused by default.
         normalization: per-band ``zscore``, ``minmax``, ``minmax_global`` (one min/max for all bands of
             a modality) or ``none``; ``normalization_overrides`` sets it per modality.
         normalize_on: fit statistics on every valid pixel of the ``scene`` (what the papers do) or on
@@ -55,6 +60,10 @@ class RasterDataModule(L.LightningDataModule):
         pca: modality -> number of principal components to keep (e.g. ``{"hsi": 30}``).
         nodata: modality -> nodata value overriding the file's own.
         label_nodata: a label value that means "unlabelled" besides 0 (e.g. -1 in MUUFL).
+        predict_window: full-scene prediction reads the scene in windows of this many reference
+            pixels (plus a patch-sized halo) instead of loading it whole: memory is bounded by the
+            window, not the scene. The map equals the in-memory one. Normalisation statistics come
+            from the checkpoint (saved by training), else from a streaming pass over the windows.
     """
 
     def __init__(
@@ -84,6 +93,8 @@ class RasterDataModule(L.LightningDataModule):
         split_block_size: int = 16,
         guard: int | None = None,
         seed: int = 0,
+        allow_even_patch: bool = False,
+        predict_window: int | None = None,
     ):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
@@ -91,7 +102,12 @@ class RasterDataModule(L.LightningDataModule):
         if not modalities:
             raise ValueError("modalities: give at least one modality name -> raster path")
         if patch_size < 1:
-            raise ValueError(f"patch_size must be positive, got {patch_size}")
+            raise InputError(f"patch_size must be positive, got {patch_size}")
+        if sampling == "pixel" and patch_size % 2 == 0 and not allow_even_patch:
+            raise InputError(f"patch_size {patch_size} is even: no pixel sits at the centre of the patch; use "
+                             f"{patch_size + 1}, or set allow_even_patch: true (pixel at index {(patch_size - 1) // 2})")
+        if predict_window is not None and predict_window < 1:
+            raise InputError(f"predict_window must be a positive number of pixels, got {predict_window}")
         if (labels is None) == (train_labels is None and test_labels is None) or \
                 (labels is None and (train_labels is None or test_labels is None)):
             raise ValueError("give either train_labels and test_labels, or a single labels map to split")
@@ -105,8 +121,9 @@ class RasterDataModule(L.LightningDataModule):
         self.ratios = grid_ratios(headers)
         self.reference = reference_header(headers)
         self.shape = self.reference.shape
-        if sampling == "pixel" and max(self.shape) < patch_size:
-            raise ValueError(f"patch_size {patch_size} is larger than the scene {self.shape}")
+        if max(self.shape) < patch_size:
+            raise InputError(f"patch_size {patch_size} is larger than the scene {self.shape} of "
+                             f"{self.reference.path}")
 
         self.class_names = list(class_names) if class_names else None
         fixed_k = len(self.class_names) if self.class_names else None
@@ -115,6 +132,7 @@ class RasterDataModule(L.LightningDataModule):
             if path is not None:
                 check_label_grid(self.reference, path)
                 maps[split], _ = read_labels(path, fixed_k, label_nodata)
+                maps[split] = maps[split].astype(np.int16 if maps[split].max() < 2 ** 15 else np.int32)
         self.num_classes = fixed_k or int(max(m.max() for m in maps.values()))
         if self.num_classes < 1:
             raise RasterError(f"{labels or train_labels}: no labelled pixel (0 = unlabelled, 1..K = classes)")
@@ -131,6 +149,7 @@ class RasterDataModule(L.LightningDataModule):
         self._check_splits(maps, train_labels or labels, test_labels or labels, fixed_k is not None)
         self.label_maps = maps
         self.scene: Scene | None = None
+        self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
 
     def _check_splits(self, maps, train_path, test_path, configured: bool) -> None:
         for split in ("train", "val", "test"):
@@ -175,14 +194,32 @@ class RasterDataModule(L.LightningDataModule):
         """Read and normalise the scene once (the expensive part, kept out of ``__init__``)."""
         if self.scene is None:
             hp = self.hparams
-            fit_mask = self.label_maps["train"] > 0 if hp.normalize_on == "train" else None
             self.scene = load_scene(self.modalities, pad=self.patch_size, normalization=hp.normalization,
                                     normalization_overrides=hp.normalization_overrides,
-                                    clip_percentile=hp.clip_percentile, fit_mask=fit_mask, pca=hp.pca,
+                                    clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
                                     nodata=hp.nodata)
+            self.normalizers = self.scene.normalizers
         return self.scene
 
+    def _fit_mask(self) -> np.ndarray | None:
+        return self.label_maps["train"] > 0 if self.hparams.normalize_on == "train" else None
+
+    def state_dict(self) -> dict:
+        """The fitted normalisation goes into checkpoints, so prediction normalises as training did."""
+        if self.normalizers is None:
+            return {}
+        # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
+        return {"normalizers": {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
+                                for name, n in self.normalizers.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "normalizers" in state_dict:
+            self.normalizers = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
+                                for name, s in state_dict["normalizers"].items()}
+
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict_window:
+            return  # windows are read when prediction starts, after the checkpoint's normalisation is restored
         self.load()
         if stage in (None, "fit"):
             self.train_dataset = self._dataset("train")
@@ -217,18 +254,41 @@ class RasterDataModule(L.LightningDataModule):
         return TileDataset(self.scene, origins[has_label], tile, labels, None if keep is None else keep[has_label])
 
     def _predict_dataset(self):
+        if self.hparams.predict_window:
+            return self._windowed_predict_dataset()
         if self.sampling == "pixel":
             rows, cols = np.nonzero(self.scene.valid)
             return PixelPatchDataset(self.scene, rows, cols, self.patch_size)
         origins, keep = covering_tiles(self.shape, self.patch_size)
         return TileDataset(self.scene, origins, self.patch_size, None, keep)
 
+    def _windowed_predict_dataset(self) -> WindowedPredictDataset:
+        hp = self.hparams
+        source = SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {})
+        normalizers = self.normalizers
+        if normalizers is None:
+            rank_zero_info("Fitting normalisation statistics window by window (no checkpoint statistics)")
+            modes = {name: (hp.normalization_overrides or {}).get(name, hp.normalization) for name in self.modalities}
+            normalizers = fit_streaming(source, grid_windows(self.shape, hp.predict_window), modes,
+                                        hp.clip_percentile, self._fit_mask(), hp.pca, hp.seed)
+            self.normalizers = normalizers
+        return WindowedPredictDataset(source, normalizers, self.sampling, self.patch_size, hp.predict_window)
+
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # The training order depends on (global seed, epoch) only, so resumed runs match exactly.
-        sampler = EpochShuffleSampler(len(dataset), torch.initial_seed()) if shuffle else None
+        # Under DDP, evaluation splits the samples without repeating any (exact synchronised metrics);
+        # prediction is split by Lightning the same way.
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if shuffle:
+            sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), world, rank)
+        elif world > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        else:
+            sampler = None
+        per_rank = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate, persistent_workers=self.num_workers > 0,
-                          drop_last=shuffle and len(dataset) % batch_size == 1)
+                          drop_last=shuffle and per_rank % batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
@@ -240,4 +300,7 @@ class RasterDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False)
+        if self.hparams.predict_window:
+            self.predict_dataset = self._predict_dataset()
+        return DataLoader(self.predict_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          collate_fn=collate)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 from datamodules.scene import Scene
 
@@ -30,24 +30,33 @@ def _gather(views: dict[str, np.ndarray], y: np.ndarray, x: np.ndarray) -> dict[
             for name, view in views.items()}
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch.
+    Under DDP each of ``num_replicas`` processes takes every ``num_replicas``-th index of the same
+    permutation (padded by wrapping around so all ranks run the same number of steps). It is a
+    ``DistributedSampler``, so Lightning keeps it and calls :meth:`set_epoch` every epoch.
     """
 
-    def __init__(self, length: int, seed: int):
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
         self.length, self.seed, self.epoch = length, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = -(-length // num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.shuffle, self.drop_last = True, False  # what code inspecting a DistributedSampler reads
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return self.num_samples
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
+        order = torch.randperm(self.length, generator=generator)
+        if self.total_size > self.length:
+            order = order.repeat(-(-self.total_size // self.length))[:self.total_size]
+        return iter(order[self.rank::self.num_replicas].tolist())
 
 
 def collate(batch):

@@ -114,19 +114,77 @@ def fit_band_stats(pixels: np.ndarray, mode: Normalization, clip_percentile: flo
     return BandStats(offset.astype(np.float32), scale.astype(np.float32), lo.astype(np.float32), hi.astype(np.float32))
 
 
+def pca_from_moments(mean: np.ndarray, cov: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, axes (k, bands), std (k,)) of the leading ``components`` principal axes.
+
+    Each axis is signed so that its largest-magnitude loading is positive: eigen-solvers may return
+    either sign, and a flipped axis would silently negate a network input.
+    """
+    if not 1 <= components <= len(mean):
+        raise ValueError(f"pca: cannot keep {components} components of a {len(mean)}-band modality")
+    eigvals, eigvecs = np.linalg.eigh(np.atleast_2d(cov))
+    order = np.argsort(eigvals)[::-1][:components]
+    axes = eigvecs[:, order].T
+    peak = axes[np.arange(components), np.abs(axes).argmax(axis=1)]
+    axes = axes * np.where(peak < 0, -1.0, 1.0)[:, None]
+    std = np.sqrt(np.maximum(eigvals[order], 0.0))
+    std = np.where(std > 1e-12, std, 1.0)
+    return mean.astype(np.float32), axes.astype(np.float32), std.astype(np.float32)
+
+
 def fit_pca(pixels: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Principal axes of ``pixels`` (bands, n): returns (mean (bands,), axes (k, bands), std (k,))."""
     if not 1 <= components <= pixels.shape[0]:
         raise ValueError(f"pca: cannot keep {components} components of a {pixels.shape[0]}-band modality")
     pixels = pixels.astype(np.float64)
     mean = pixels.mean(axis=1)
-    cov = np.cov(pixels - mean[:, None])
-    eigvals, eigvecs = np.linalg.eigh(np.atleast_2d(cov))
-    order = np.argsort(eigvals)[::-1][:components]
-    axes = eigvecs[:, order].T
-    std = np.sqrt(np.maximum(eigvals[order], 0.0))
-    std = np.where(std > 1e-12, std, 1.0)
-    return mean.astype(np.float32), axes.astype(np.float32), std.astype(np.float32)
+    return pca_from_moments(mean, np.cov(pixels - mean[:, None]), components)
+
+
+@dataclass
+class Normalizer:
+    """How one modality's raw bands become network input: band stats, nodata fill, optional PCA."""
+
+    stats: BandStats
+    fill: np.ndarray  # per output channel, written where the raw pixel is invalid
+    pca: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (mean, axes, std) from fit_pca
+
+    def apply(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        arr = self.stats.apply(data)
+        if self.pca is not None:
+            mean, axes, std = self.pca
+            arr = np.einsum("kc,chw->khw", axes / std[:, None], arr - mean[:, None, None]).astype(np.float32)
+        arr[:, ~valid] = self.fill[:, None]
+        return arr
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for checkpoints); :meth:`from_state` inverts it."""
+        s = self.stats
+        out = dict(offset=s.offset, scale=s.scale, lo=s.lo, hi=s.hi, fill=self.fill)
+        if self.pca is not None:
+            out.update(pca_mean=self.pca[0], pca_axes=self.pca[1], pca_std=self.pca[2])
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray]) -> "Normalizer":
+        arr = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+        pca = (arr["pca_mean"], arr["pca_axes"], arr["pca_std"]) if "pca_mean" in arr else None
+        return cls(BandStats(arr["offset"], arr["scale"], arr["lo"], arr["hi"]), arr["fill"], pca)
+
+
+def fit_normalizer(fit_pixels: np.ndarray, mode: Normalization, clip_percentile: float | None,
+                   pca_components: int | None = None) -> Normalizer:
+    """Fit on ``fit_pixels`` (bands, n): the fill value is the mean normalised pixel (0 after PCA)."""
+    stats = fit_band_stats(fit_pixels, mode, clip_percentile)
+    normalised = stats.apply(fit_pixels[:, :, None])[:, :, 0]
+    if pca_components:
+        return Normalizer(stats, np.zeros(pca_components, dtype=np.float32), fit_pca(normalised, pca_components))
+    return Normalizer(stats, normalised.mean(axis=1).astype(np.float32))
+
+
+def pad_scene_array(arr: np.ndarray, pad: int) -> np.ndarray:
+    """Reflect-pad a (C, H, W) array by ``pad`` pixels on every side (how patches see beyond edges)."""
+    return np.pad(arr, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
 
 
 @dataclass
@@ -143,7 +201,7 @@ class Scene:
     pad: int
     crs: object = None
     transform: Affine | None = None
-    stats: dict[str, BandStats] = field(default_factory=dict)
+    normalizers: dict[str, Normalizer] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -158,7 +216,7 @@ class Scene:
         if cube.ndim != 3 or cube.shape[1:] != self.shape:
             raise ValueError(f"{name}: expected a (C, {self.shape[0]}, {self.shape[1]}) cube, got {cube.shape}")
         pad = self.pad
-        self.data[name] = np.pad(cube, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+        self.data[name] = pad_scene_array(cube, pad)
         self.ratios[name] = 1
 
 
@@ -197,18 +255,11 @@ def load_scene(paths: Mapping[str, str], pad: int, *, normalization: Normalizati
     fit = valid if fit_mask is None else (fit_mask & valid)
     if not fit.any():
         raise RasterError(f"{ref.path}: no valid pixel to fit normalisation statistics on")
-    data, stats = {}, {}
+    data, normalizers = {}, {}
     for name, raster in rasters.items():
         r = ratios[name]
         mode = (normalization_overrides or {}).get(name, normalization)
         fit_pixels = raster.data[:, _block_mask(fit, r) & raster.valid]
-        stats[name] = fit_band_stats(fit_pixels, mode, clip_percentile)
-        arr = stats[name].apply(raster.data)
-        fill = stats[name].apply(fit_pixels[:, :, None])[:, :, 0].mean(axis=1)
-        if pca and name in pca:
-            mean, axes, std = fit_pca(stats[name].apply(fit_pixels[:, :, None])[:, :, 0], pca[name])
-            arr = np.einsum("kc,chw->khw", axes / std[:, None], arr - mean[:, None, None]).astype(np.float32)
-            fill = np.zeros(pca[name], dtype=np.float32)
-        arr[:, ~raster.valid] = fill[:, None]
-        data[name] = np.pad(arr, ((0, 0), (pad * r, pad * r), (pad * r, pad * r)), mode="reflect")
-    return Scene(data, ratios, valid, pad, ref.crs, ref.transform, stats)
+        normalizers[name] = fit_normalizer(fit_pixels, mode, clip_percentile, (pca or {}).get(name))
+        data[name] = pad_scene_array(normalizers[name].apply(raster.data, raster.valid), pad * r)
+    return Scene(data, ratios, valid, pad, ref.crs, ref.transform, normalizers)

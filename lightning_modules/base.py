@@ -54,6 +54,8 @@ class FusionClassifier(L.LightningModule):
 
     dense_output: bool = False  # True for models that predict whole tiles (tile sampling)
     flexible_output: bool = False  # True for models that can do either (set dense_output per instance)
+    # True for networks with parameters that never reach the loss (DDP must then look for them each step)
+    has_unused_parameters: bool = False
 
     def __init__(
         self,

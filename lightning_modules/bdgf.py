@@ -674,6 +674,10 @@ class BDGF(FusionClassifier):
         self.prepare_feature_bank()
 
     def on_predict_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and dm.hparams.get("predict_window"):
+            raise InputError("BDGF: predict_window is not supported (its diffusion feature bank is built over the "
+                             "whole scene in memory); unset data.predict_window for BDGF")
         self.prepare_feature_bank()
 
     def prepare_feature_bank(self, scene=None) -> None:

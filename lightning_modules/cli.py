@@ -1,6 +1,7 @@
 """The ``lightning`` / ``rsfusion`` command: a LightningCLI over the suite's models and DataModules."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -34,6 +35,16 @@ class RSFusionCLI(LightningCLI):
                             help="after fit, write the full-scene classification map (GeoTIFF + PNG)")
         parser.add_class_arguments(WandbOptions, "wandb")
 
+    def before_instantiate_classes(self) -> None:
+        """Plain DDP fails on a model with parameters that get no gradient: switch it to the variant
+        that finds them (``ddp_find_unused_parameters_true``)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_class = _import_class(config["model"]["class_path"])
+        if config["trainer"].get("strategy") == "ddp" and getattr(model_class, "has_unused_parameters", False):
+            config["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
+            rank_zero_info(f"{model_class.__name__} has parameters without gradient: using strategy "
+                           "ddp_find_unused_parameters_true instead of ddp")
+
     def instantiate_trainer(self, **kwargs):
         """The configured Trainer plus the optional W&B logger, a learning-rate monitor and the test report."""
         trainer = super().instantiate_trainer(**kwargs)
@@ -65,6 +76,11 @@ class RSFusionCLI(LightningCLI):
         if config.get("map_after_fit"):
             ensure_map_writer(self.trainer)
             self.trainer.predict(self.model, datamodule=self.datamodule, ckpt_path=ckpt, return_predictions=False)
+
+
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def cli_kwargs() -> dict:

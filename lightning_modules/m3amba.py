@@ -36,6 +36,8 @@ class M3amba(FusionClassifier):
     """
 
     dense_output = True
+    # The authors' guidance SSM keeps dt/D parameters whose output is discarded: no gradient reaches them.
+    has_unused_parameters = True
 
     def __init__(self, hsi: str | None = None, aux: str | None = None, patch_size: int = 32, dims: int = 384,
                  depth: int = 9, d_state: int = 16, ssm_ratio: float = 2.0, mlp_ratio: float = 4.0,

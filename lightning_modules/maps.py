@@ -1,7 +1,9 @@
 """Full-scene classification maps: assembled from prediction batches, written as GeoTIFF + PNG."""
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.io import atomic_path, write_geotiff
+from datamodules.io import GeoTiffWriter, atomic_path, read_preview
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +43,43 @@ def render_png(path: str | Path, class_map: np.ndarray, class_names: list[str], 
 
 
 class ClassificationMapWriter(Callback):
-    """Collects ``lightning predict`` outputs into one class map and writes it when prediction ends.
+    """Writes ``lightning predict`` outputs into one class map, on one process or several (DDP).
 
     Writes ``<output_dir>/classification_map.tif`` (uint8/uint16 classes 1..K, 0 = no data, with the
     scene's CRS and transform and a colour table) and ``classification_map.png`` (colours + legend).
     ``output_dir`` defaults to ``<trainer.log_dir>/predictions``.
+
+    Each process writes its predictions into its own disk-backed part (a memory-mapped ``.npy`` in
+    a hidden folder beside the map), so no process holds the map in memory; when all are done, the
+    first process merges the parts in row strips, checking that every sample was predicted once and
+    no pixel twice, writes the GeoTIFF and the PNG (downsampled for large scenes) and removes the parts.
     """
+
+    STRIP_ROWS = 512
+    PNG_MAX_SIDE = 2048
 
     def __init__(self, output_dir: str | None = None, name: str = "classification_map"):
         self.output_dir, self.name = output_dir, name
-        self.class_map: np.ndarray | None = None
         self.progress = None
         self.paths: dict[str, Path] = {}
 
+    def _parts_dir(self) -> Path:
+        return self._out / f".{self.name}.parts"
+
     def on_predict_start(self, trainer, pl_module) -> None:
-        from datamodules.io import InputError
         from lightning_modules.reporting import Progress
 
-        if trainer.world_size > 1:
-            # Each rank would hold only its share of the windows: refuse rather than write a map with gaps.
-            raise InputError("full-scene prediction does not support several processes yet; run `predict` with "
-                             "--trainer.devices 1 --trainer.num_nodes 1")
-        dm = trainer.datamodule
-        self.class_map = np.zeros(dm.shape, dtype=np.uint16)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        self._out = Path(self.output_dir or Path(log_dir or trainer.default_root_dir) / "predictions")
+        parts = self._parts_dir()
+        if trainer.is_global_zero:
+            shutil.rmtree(parts, ignore_errors=True)
+            parts.mkdir(parents=True)
+        trainer.strategy.barrier("map_parts_ready")
+        shape = trainer.datamodule.shape
+        self._part = np.lib.format.open_memmap(parts / f"rank{trainer.global_rank}.npy", mode="w+",
+                                               dtype=np.uint16, shape=shape)
+        self._samples = self._double = 0
         # Lightning's bar shows progress and ETA; without it (logs, batch jobs) report every 10 %.
         self.progress = None if trainer.progress_bar_callback is not None else Progress("full-scene prediction",
                                                                                          bar=False)
@@ -74,35 +90,67 @@ class ClassificationMapWriter(Callback):
         if self.progress is not None:
             self.progress(self._batches_done, int(sum(trainer.num_predict_batches)))
         pred = outputs["pred"].cpu().numpy().astype(np.uint16) + 1
+        self._samples += len(pred)
         if "index" in outputs:
             rows, cols = outputs["index"].cpu().numpy().T
-            self.class_map[rows, cols] = pred
+            self._write(rows, cols, pred)
             return
-        h, w = self.class_map.shape
+        h, w = self._part.shape
         for tile, (y, x), owned in zip(pred, outputs["origin"].cpu().numpy(), outputs["owned"].cpu().numpy()):
             ys, xs = np.nonzero(owned)
             gy, gx = ys + y, xs + x
             inside = (gy >= 0) & (gy < h) & (gx >= 0) & (gx < w)
-            self.class_map[gy[inside], gx[inside]] = tile[ys[inside], xs[inside]]
+            self._write(gy[inside], gx[inside], tile[ys[inside], xs[inside]])
+
+    def _write(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        self._double += int((self._part[rows, cols] != 0).sum())
+        self._part[rows, cols] = values
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        parts = self._parts_dir()
+        self._part.flush()
+        del self._part
+        (parts / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"samples": self._samples, "double": self._double}))
+        trainer.strategy.barrier("map_parts_written")
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
-        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
-        k = len(dm.class_names)
-        data = self.class_map.astype(np.uint8 if k < 255 else np.uint16)
-        colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in enumerate(dm.palette)}} if k < 255 else None
-        tif, png = out / f"{self.name}.tif", out / f"{self.name}.png"
-        write_geotiff(tif, data, dm.scene.crs, dm.scene.transform, nodata=0, colormap=colormap)
-        render_png(png, data, dm.class_names, dm.palette, title=type(pl_module).__name__)
+        expected = len(dm.predict_dataset)
+        tif, png = self._out / f"{self.name}.tif", self._out / f"{self.name}.png"
+        predicted = self._merge(parts, trainer.world_size, expected, tif, dm)
+        shutil.rmtree(parts, ignore_errors=True)
+        render_png(png, read_preview(tif, self.PNG_MAX_SIDE), dm.class_names, dm.palette,
+                   title=type(pl_module).__name__)
         self.paths = {"tif": tif, "png": png}
         seconds = time.perf_counter() - self._start
-        rank_zero_info(f"Classification map written to {tif} and {png} ({int((data > 0).sum()):,} pixels "
+        rank_zero_info(f"Classification map written to {tif} and {png} ({predicted:,} pixels "
                        f"predicted in {seconds:.1f} s)")
         from lightning_modules.reporting import log_picture
 
         log_picture(trainer, "predict/classification_map", png, f"{type(pl_module).__name__} classification map")
+
+    def _merge(self, parts: Path, world_size: int, expected: int, tif: Path, dm) -> int:
+        """Merge the ranks' parts into ``tif`` (atomically); returns the number of predicted pixels."""
+        metas = [json.loads((parts / f"rank{r}.json").read_text()) for r in range(world_size)]
+        samples, double = sum(m["samples"] for m in metas), sum(m["double"] for m in metas)
+        maps = [np.load(parts / f"rank{r}.npy", mmap_mode="r") for r in range(world_size)]
+        k = len(dm.class_names)
+        dtype = np.uint8 if k < 255 else np.uint16
+        colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in enumerate(dm.palette)}} if k < 255 else None
+        predicted = 0
+        with GeoTiffWriter(tif, maps[0].shape, dtype, dm.reference.crs, dm.reference.transform, nodata=0,
+                           colormap=colormap) as out:
+            for r0 in range(0, maps[0].shape[0], self.STRIP_ROWS):
+                strips = np.stack([m[r0:r0 + self.STRIP_ROWS] for m in maps])
+                double += int(((strips > 0).sum(axis=0) > 1).sum())
+                strip = strips.max(axis=0)
+                predicted += int((strip > 0).sum())
+                out.write(strip.astype(dtype), r0)
+            if samples != expected or double:
+                raise RuntimeError(f"full-scene prediction over {world_size} process(es) predicted {samples} of "
+                                   f"{expected} samples and wrote {double} pixels more than once")
+        return predicted
 
 
 def ensure_map_writer(trainer) -> ClassificationMapWriter:

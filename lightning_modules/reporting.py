@@ -193,11 +193,13 @@ class TestReport(Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         matrix = getattr(pl_module, "confusion_matrix", None)
-        if matrix is None or not trainer.is_global_zero:
+        if matrix is None:
+            return
+        out = report_dir(trainer)  # a broadcast under DDP: every rank must ask, or later collectives pair wrongly
+        if not trainer.is_global_zero:
             return
         matrix = np.asarray(matrix, dtype=np.int64)
         names = list(pl_module.class_names)
-        out = report_dir(trainer)
         csv_path, png_path = out / "confusion_matrix.csv", out / "confusion_matrix.png"
         write_confusion_csv(csv_path, matrix, names)
         render_confusion_png(png_path, matrix, names, title=f"{type(pl_module).__name__}: test confusion matrix")

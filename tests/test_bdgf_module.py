@@ -192,7 +192,8 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
     config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
                                    "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
-                                   "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4}
+                                   "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4,
+                                   "allow_even_patch": True}
     config["trainer"].update(max_steps=-1, max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1,
                              default_root_dir=str(tmp_path),
                              enable_progress_bar=False, enable_model_summary=False)

@@ -51,7 +51,7 @@ def test_nodata_border_never_becomes_a_sample(real_rasters, tmp_path):
     assert raster.valid[rows, cols].all() and (cols >= 5).all()
     assert set(np.unique(dm.train_dataset.labels)) <= {0, 1}  # class 3 lived only on nodata
     # nodata pixels are filled with the band mean (0 after z-scoring), never the raw 0 sentinel
-    sentinel = (0 - dm.scene.stats["rgb"].offset) / dm.scene.stats["rgb"].scale
+    sentinel = (0 - dm.scene.normalizers["rgb"].stats.offset) / dm.scene.normalizers["rgb"].stats.scale
     for batch in dm.train_dataloader():
         patches = batch["rgb"].numpy()
         assert not np.isclose(patches, sentinel[None, :, None, None]).all(axis=1).any()

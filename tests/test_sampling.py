@@ -26,7 +26,7 @@ def test_pixel_patches_equal_direct_slicing(tmp_path, patch_size):
     path = write_tif(tmp_path / "x.tif", data)
     dm = RasterDataModule({"x": str(path)}, train_labels=str(write_tif(tmp_path / "tr.tif", train)),
                           test_labels=str(write_tif(tmp_path / "te.tif", test)), patch_size=patch_size,
-                          normalization="none")
+                          normalization="none", allow_even_patch=True)
     dm.setup("test")
     before = (patch_size - 1) // 2
     padded = np.pad(data, ((0, 0), (patch_size, patch_size), (patch_size, patch_size)), mode="reflect")
@@ -51,7 +51,7 @@ def test_ms_pan_patches_cover_the_same_ground(tmp_path):
     dm = RasterDataModule({"ms": str(ms_path), "pan": str(pan_path)},
                           train_labels=str(write_tif(tmp_path / "tr.tif", train, res=4.0)),
                           test_labels=str(write_tif(tmp_path / "te.tif", test, res=4.0)),
-                          patch_size=4, normalization="none")
+                          patch_size=4, normalization="none", allow_even_patch=True)
     assert dm.ratios == {"ms": 1, "pan": 4}
     dm.setup("test")
     rows, cols = dm.test_dataset.rows, dm.test_dataset.cols

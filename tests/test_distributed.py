@@ -1,0 +1,69 @@
+"""Lightning DDP on CPU (gloo, two processes) through the console script: fit, test, maps."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from tests.conftest import tiny_config
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+
+
+def _lightning(args, cwd):
+    script = Path(sys.executable).parent / "lightning"
+    if not script.exists():
+        pytest.skip("console script 'lightning' not installed (pip install -e .)")
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _test_line(stdout: str, key: str) -> str:
+    return next(line for line in stdout.splitlines() if f" {key} " in line)
+
+
+def _read_map(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def test_ddp_fit_tests_and_maps_like_one_process(tmp_path):
+    config = tiny_config(tmp_path, "demo", dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5,
+                                                batch_size=16), dict(width=8), max_epochs=3)
+    fit = _lightning(["fit", "--config", str(config), *DDP], tmp_path)
+    ddp_map = _read_map(tmp_path / "runs" / "version_0" / "predictions" / "classification_map.tif")
+    assert ddp_map.shape == (32, 40) and ddp_map.min() >= 1  # every pixel once, merged from two ranks
+
+    # The synchronised test metrics equal one process evaluating the same checkpoint (no repeated samples).
+    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    single = _lightning(["test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    for key in ("test/OA", "test/AA", "test/kappa"):
+        assert _test_line(fit.stdout, key) == _test_line(single.stdout, key)
+
+    # Maps: one process, two processes, two processes reading the scene in windows: all the same.
+    _lightning(["predict", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    _lightning(["predict", "--config", str(config), "--ckpt_path", str(ckpt), *DDP,
+                "--data.init_args.predict_window", "12"], tmp_path)
+    maps = sorted((tmp_path / "runs").glob("version_*/predictions/classification_map.tif"))
+    assert len(maps) == 3
+    for path in maps[1:]:
+        np.testing.assert_array_equal(_read_map(path), ddp_map)
+    assert not list((tmp_path / "runs").glob("version_*/predictions/.*parts"))  # rank parts cleaned up
+
+
+def test_ddp_m3amba_switches_to_finding_unused_parameters(tmp_path):
+    from tests.test_m3amba_module import TINY
+
+    config = tiny_config(tmp_path, "m3amba_synthetic", dict(scene_height=32, scene_width=32, train_per_class=8,
+                                                            patch_size=16, batch_size=4),
+                         {**TINY, "compute_guidance_output": True}, max_epochs=1, limit_train_batches=2)
+    fit = _lightning(["fit", "--config", str(config), *DDP], tmp_path)
+    assert "using strategy ddp_find_unused_parameters_true instead of ddp" in fit.stderr + fit.stdout
+    assert (tmp_path / "runs" / "version_0" / "predictions" / "classification_map.tif").exists()

@@ -1,0 +1,138 @@
+"""Windowed full-scene prediction: windows reproduce the in-memory scene; statistics stream exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datamodules import RasterDataModule
+from datamodules.io import InputError
+from datamodules.scene import load_scene
+from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from tests.conftest import write_tif
+
+H, W = 23, 29
+
+
+@pytest.fixture()
+def scene_files(tmp_path):
+    """HSI-like bands with a nodata corner, a PAN-like band at 2x, and train/test label maps."""
+    rng = np.random.default_rng(0)
+    hsi = rng.normal(100.0, 20.0, size=(6, H, W)).astype(np.float32)
+    hsi[:, :3, :4] = -9999.0
+    pan = rng.normal(size=(1, 2 * H, 2 * W)).astype(np.float32) * np.arange(1, 2 * W + 1, dtype=np.float32)
+    labels = rng.integers(1, 4, size=(H, W))
+    split = rng.random((H, W)) < 0.5
+    return {
+        "hsi": str(write_tif(tmp_path / "hsi.tif", hsi, nodata=-9999.0)),
+        "pan": str(write_tif(tmp_path / "pan.tif", pan, res=5.0)),
+        "train": str(write_tif(tmp_path / "train.tif", np.where(split, labels, 0).astype(np.uint8))),
+        "test": str(write_tif(tmp_path / "test.tif", np.where(split, 0, labels).astype(np.uint8))),
+    }
+
+
+def _source(files) -> SceneSource:
+    return SceneSource({"hsi": files["hsi"], "pan": files["pan"]}, {"hsi": 1, "pan": 2}, (H, W), {})
+
+
+@pytest.mark.parametrize("core", [(0, 7, 0, 9), (8, 23, 10, 29), (5, 6, 20, 21), (0, 23, 0, 29), (2, 20, 0, 29)])
+def test_a_window_equals_the_same_part_of_the_whole_padded_scene(scene_files, core):
+    pad = 5
+    whole = load_scene({"hsi": scene_files["hsi"], "pan": scene_files["pan"]}, pad=pad)
+    window = _source(scene_files).scene(core, pad, whole.normalizers)
+    r0, r1, c0, c1 = core
+    for name, r in (("hsi", 1), ("pan", 2)):
+        expected = whole.data[name][:, r0 * r:(r1 + 2 * pad) * r, c0 * r:(c1 + 2 * pad) * r]
+        np.testing.assert_array_equal(window.data[name], expected)
+    np.testing.assert_array_equal(window.valid, whole.valid[r0:r1, c0:c1])
+    assert not window.valid.all() or r0 >= 3 or c0 >= 4  # the nodata corner is seen as invalid
+
+
+@pytest.mark.parametrize("options", [
+    dict(normalization="zscore"),
+    dict(normalization="minmax", clip_percentile=2.0),
+    dict(normalization="minmax_global"),
+    dict(normalization="zscore", pca={"hsi": 3}),
+    dict(normalization="zscore", train_only=True),
+])
+def test_streaming_statistics_equal_the_in_memory_fit(scene_files, options):
+    options = dict(options)
+    train_only = options.pop("train_only", False)
+    fit_mask = None
+    if train_only:
+        import rasterio
+
+        with rasterio.open(scene_files["train"]) as src:
+            fit_mask = src.read(1) > 0
+    paths = {"hsi": scene_files["hsi"], "pan": scene_files["pan"]}
+    whole = load_scene(paths, pad=1, fit_mask=fit_mask, **options)
+    modes = {name: options["normalization"] for name in paths}
+    streamed = fit_streaming(_source(scene_files), grid_windows((H, W), 7), modes, options.get("clip_percentile"),
+                             fit_mask, options.get("pca"))
+    for name in paths:
+        got, want = streamed[name].state(), whole.normalizers[name].state()
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=2e-5, err_msg=f"{name}.{key}")
+
+
+def test_pca_axes_have_a_fixed_sign(scene_files):
+    whole = load_scene({"hsi": scene_files["hsi"]}, pad=1, pca={"hsi": 3})
+    axes = whole.normalizers["hsi"].pca[1]
+    peaks = axes[np.arange(3), np.abs(axes).argmax(axis=1)]
+    assert (peaks > 0).all()
+
+
+def _all_samples(dataset) -> dict:
+    batch = dataset.__getitems__(np.arange(len(dataset)))
+    key = "index" if "index" in batch else "origin"
+    out = {}
+    for i, where in enumerate(batch[key].numpy()):
+        out[tuple(where)] = {k: v[i].numpy() for k, v in batch.items() if k != key}
+    return out
+
+
+@pytest.mark.parametrize("sampling,patch,window", [("pixel", 5, 7), ("pixel", 5, 100), ("tile", 8, 8),
+                                                   ("tile", 8, 13), ("tile", 8, 5)])
+def test_windowed_prediction_samples_equal_the_in_memory_ones(scene_files, sampling, patch, window):
+    common = dict(modalities={"hsi": scene_files["hsi"], "pan": scene_files["pan"]},
+                  train_labels=scene_files["train"], test_labels=scene_files["test"], sampling=sampling,
+                  patch_size=patch, split_block_size=4)
+    in_memory = RasterDataModule(**common)
+    in_memory.setup("predict")
+    windowed = RasterDataModule(**common, predict_window=window)
+    windowed.setup("predict")
+    assert windowed.scene is None  # nothing read whole
+    windowed.predict_dataloader()
+    assert isinstance(windowed.predict_dataset, WindowedPredictDataset)
+    want, got = _all_samples(in_memory.predict_dataset), _all_samples(windowed.predict_dataset)
+    assert got.keys() == want.keys()
+    for where, sample in want.items():
+        for key, value in sample.items():
+            np.testing.assert_allclose(got[where][key], value, rtol=1e-4, atol=1e-4, err_msg=f"{where} {key}")
+    if sampling == "pixel":
+        assert len(got) == int(in_memory.scene.valid.sum())  # every valid pixel once, nodata never
+
+
+def test_windowed_batches_keep_the_asked_order(scene_files):
+    dm = RasterDataModule({"hsi": scene_files["hsi"]}, train_labels=scene_files["train"],
+                          test_labels=scene_files["test"], patch_size=3, split_block_size=4, predict_window=6)
+    dm.setup("predict")
+    dataset = dm.predict_dataloader().dataset
+    order = np.random.default_rng(0).permutation(len(dataset))[:50]
+    batch = dataset.__getitems__(order)
+    for i, j in enumerate(order):
+        np.testing.assert_array_equal(batch["index"][i].numpy(), dataset[int(j)]["index"].numpy())
+        np.testing.assert_array_equal(batch["hsi"][i].numpy(), dataset[int(j)]["hsi"].numpy())
+
+
+def test_bad_windows_and_even_patches_are_refused(scene_files):
+    common = dict(modalities={"hsi": scene_files["hsi"]}, train_labels=scene_files["train"],
+                  test_labels=scene_files["test"])
+    with pytest.raises(InputError, match="predict_window must be a positive number of pixels, got 0"):
+        RasterDataModule(**common, predict_window=0)
+    with pytest.raises(InputError, match=r"patch_size 6 is even: .* use 7, or set allow_even_patch: true"):
+        RasterDataModule(**common, patch_size=6)
+    with pytest.raises(InputError, match=r"patch_size 31 is larger than the scene \(23, 29\)"):
+        RasterDataModule(**common, patch_size=31)
+    assert RasterDataModule(**common, patch_size=6, allow_even_patch=True).patch_size == 6
+    assert RasterDataModule(**common, patch_size=6, sampling="tile").patch_size == 6  # tiles have no centre
