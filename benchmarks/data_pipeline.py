@@ -53,7 +53,7 @@ def main() -> None:
         pixels = int(dm.scene.valid.sum())
         rows.append(("full-scene prediction (baseline, width 32)", f"{pixels / dt:,.0f} pixels/s",
                      f"{pixels:,} pixels in {dt:.1f} s, map written"))
-    print(f"| stage | throughput | notes |\n|---|---|---|")
+    print("| stage | throughput | notes |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

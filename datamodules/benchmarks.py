@@ -133,5 +133,6 @@ class MSPanDataModule(BenchmarkDataModule):
              "test": ["test.npy", "test.tif"]}
 
     def __init__(self, root: str, **kwargs):
-        kwargs.setdefault("allow_even_patch", True)  # 16 x 16 MS patches are the literature's convention
+        if kwargs.get("allow_even_patch") is None:  # 16 x 16 MS patches are the literature's convention
+            kwargs["allow_even_patch"] = True
         super().__init__(root, **kwargs)

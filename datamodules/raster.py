@@ -30,6 +30,14 @@ DEFAULT_PALETTE = [
 ]
 
 
+def _same_normalizer(a: Normalizer, b: Normalizer | None) -> bool:
+    if b is None:
+        return False
+    sa, sb = a.state(), b.state()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and np.allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5) for k in sa)
+
+
 class RasterDataModule(L.LightningDataModule):
     """Co-registered rasters of several modalities with train/test (and optional val) label maps.
 
@@ -51,7 +59,8 @@ class RasterDataModule(L.LightningDataModule):
             (label = the centre's class); ``tile`` = dense ``patch_size`` tiles at ``train_stride`` for
             training and a covering grid (each pixel once, edges included) for evaluation.
         allow_even_patch: accept an even ``patch_size`` with ``pixel`` sampling (the pixel then sits
-            at index (p-1)//2, e.g. 7 of 16, as in the MS/PAN literature); refused by default.
+            at index (p-1)//2, e.g. 7 of 16, as in the MS/PAN literature). Default (None): refused,
+            except by the MS/PAN DataModules.
         normalization: per-band ``zscore``, ``minmax``, ``minmax_global`` (one min/max for all bands of
             a modality) or ``none``; ``normalization_overrides`` sets it per modality.
         normalize_on: fit statistics on every valid pixel of the ``scene`` (what the papers do) or on
@@ -93,7 +102,7 @@ class RasterDataModule(L.LightningDataModule):
         split_block_size: int = 16,
         guard: int | None = None,
         seed: int = 0,
-        allow_even_patch: bool = False,
+        allow_even_patch: bool | None = None,
         predict_window: int | None = None,
     ):
         super().__init__()
@@ -213,9 +222,17 @@ class RasterDataModule(L.LightningDataModule):
                                 for name, n in self.normalizers.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "normalizers" in state_dict:
-            self.normalizers = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
-                                for name, s in state_dict["normalizers"].items()}
+        if "normalizers" not in state_dict:
+            return
+        saved = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
+                 for name, s in state_dict["normalizers"].items()}
+        if self.scene is not None:  # already normalised with its own statistics: say if they differ
+            for name, normalizer in saved.items():
+                if not _same_normalizer(normalizer, self.scene.normalizers.get(name)):
+                    rank_zero_warn(f"{self.modalities.get(name, name)}: normalisation statistics differ from the "
+                                   "checkpoint's (another scene?); this scene is normalised with its own")
+            return
+        self.normalizers = saved
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.hparams.predict_window:

@@ -211,7 +211,7 @@ class SyntheticDataModule(RasterDataModule):
         if not kwargs.get("class_names"):
             kwargs["class_names"] = MSPAN_CLASSES if kind == "ms_pan" else HSI_CLASSES
         kwargs["val_labels"] = kwargs.get("val_labels") or str(paths["val"])
-        if kind == "ms_pan":
-            kwargs.setdefault("allow_even_patch", True)  # as MSPanDataModule: MS/PAN models use even patches
+        if kind == "ms_pan" and kwargs.get("allow_even_patch") is None:
+            kwargs["allow_even_patch"] = True  # as MSPanDataModule: MS/PAN models use even patches
         super().__init__(modalities=modalities, train_labels=str(paths["train"]), test_labels=str(paths["test"]),
                          **kwargs)

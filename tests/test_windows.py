@@ -136,3 +136,24 @@ def test_bad_windows_and_even_patches_are_refused(scene_files):
         RasterDataModule(**common, patch_size=31)
     assert RasterDataModule(**common, patch_size=6, allow_even_patch=True).patch_size == 6
     assert RasterDataModule(**common, patch_size=6, sampling="tile").patch_size == 6  # tiles have no centre
+
+
+def test_checkpoint_statistics_drive_windowed_prediction_and_flag_another_scene(scene_files, tmp_path):
+    common = dict(modalities={"hsi": scene_files["hsi"]}, train_labels=scene_files["train"],
+                  test_labels=scene_files["test"], patch_size=3, split_block_size=4)
+    trained = RasterDataModule(**common)
+    trained.setup("fit")
+    state = trained.state_dict()
+    assert set(state["normalizers"]["hsi"]) == {"offset", "scale", "lo", "hi", "fill"}
+
+    windowed = RasterDataModule(**common, predict_window=8)
+    windowed.load_state_dict(state)
+    windowed.setup("predict")
+    assert windowed.predict_dataloader().dataset.normalizers["hsi"] is windowed.normalizers["hsi"]
+    np.testing.assert_array_equal(windowed.normalizers["hsi"].stats.offset,
+                                  trained.scene.normalizers["hsi"].stats.offset)
+
+    shifted = dict(state["normalizers"]["hsi"])
+    shifted["offset"] = shifted["offset"] + 1.0
+    with pytest.warns(UserWarning, match="normalisation statistics differ from the checkpoint's"):
+        trained.load_state_dict({"normalizers": {"hsi": shifted}})
