@@ -213,7 +213,7 @@ def _representable(value: float, dtype: np.dtype) -> bool:
 
 def read_labels(path: str | os.PathLike, num_classes: int | None = None,
                 unlabelled: int | None = None) -> tuple[np.ndarray, Raster]:
-    """Read a label raster: 0 = unlabelled, 1..K = classes. Returns (int64 (rows, cols), raster).
+    """Read a label raster: 0 = unlabelled, 1..K = classes. Returns (int32 (rows, cols), raster).
 
     ``unlabelled`` names another value that means "no label" in this file (MUUFL uses -1).
     """
@@ -227,7 +227,7 @@ def read_labels(path: str | os.PathLike, num_classes: int | None = None,
         finite = values[np.isfinite(values)]
         if not np.array_equal(finite, np.round(finite)):
             raise RasterError(f"{path}: label values must be whole numbers, found fractional values")
-    labels = np.where(raster.valid, np.nan_to_num(values, nan=0), 0).astype(np.int64)
+    labels = np.where(raster.valid, np.nan_to_num(values, nan=0), 0).astype(np.int32)
     if raster.nodata is not None and not np.isnan(raster.nodata) and raster.nodata != 0:
         labels[~raster.valid] = 0
     if labels.min() < 0:

@@ -56,7 +56,7 @@ class ClassificationMapWriter(Callback):
     """
 
     STRIP_ROWS = 512
-    PNG_MAX_SIDE = 2048
+    PNG_MAX_SIDE = 1024  # a preview; the GeoTIFF has every pixel
 
     def __init__(self, output_dir: str | None = None, name: str = "classification_map"):
         self.output_dir, self.name = output_dir, name
