@@ -44,18 +44,22 @@ def tiny_hsi_scene(tmp_path_factory) -> dict[str, Path]:
                         train_per_class=15)
 
 
-def tiny_config(tmp_path: Path, name: str, data: dict, model: dict, **trainer) -> Path:
-    """``configs/<name>.yaml`` shrunk for a test: data/model overrides, outputs under ``tmp_path/runs``."""
+def tiny_config(tmp_path: Path, name: str, data: dict, model: dict, run: str = "runs", **trainer) -> Path:
+    """``configs/<name>.yaml`` shrunk for a test: data/model overrides, outputs under ``tmp_path/<run>``.
+
+    The scene is generated under ``tmp_path/scene`` (shared by the runs of one test). The config is
+    written to ``tmp_path/<name>.yaml``, or ``tmp_path/<run>.yaml`` for a named run.
+    """
     import yaml
 
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     config["data"]["init_args"].update(root=str(tmp_path / "scene"), **data)
     config["model"]["init_args"].update(model)
-    runs = tmp_path / "runs"
+    runs = tmp_path / run
     config["trainer"].update(default_root_dir=str(runs), enable_progress_bar=False, **trainer)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(runs)
     for callback in config["trainer"]["callbacks"]:
         callback["init_args"]["dirpath"] = str(runs / "checkpoints")
-    path = tmp_path / f"{name}.yaml"
+    path = tmp_path / f"{name if run == 'runs' else run}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -9,25 +9,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import tiny_config
 
 
-def _config(tmp_path: Path, name: str, scene: Path) -> Path:
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["data"]["init_args"].update(root=str(scene), scene_height=32, scene_width=40, train_per_class=40,
-                                       patch_size=5, batch_size=8)
-    config["model"]["init_args"].update(width=8, dropout=0.3)  # dropout: RNG state must be restored too
-    run = tmp_path / name
-    config["trainer"].update(max_epochs=4, default_root_dir=str(run), enable_progress_bar=False,
-                             deterministic=True)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
-    for callback in config["trainer"]["callbacks"]:
-        callback["init_args"]["dirpath"] = str(run / "checkpoints")
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def _config(tmp_path: Path, name: str) -> Path:
+    # dropout: the RNG state must be restored too
+    return tiny_config(tmp_path, "demo", dict(scene_height=32, scene_width=40, train_per_class=40, patch_size=5,
+                                              batch_size=8), dict(width=8, dropout=0.3), run=name, max_epochs=4,
+                       deterministic=True)
 
 
 def _fit(config: Path, *extra: str, wait: bool = True):
@@ -43,9 +33,8 @@ def _fit(config: Path, *extra: str, wait: bool = True):
 
 
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
-    scene = tmp_path / "scene"
-    _fit(_config(tmp_path, "straight", scene))
-    resumed = _config(tmp_path, "resumed", scene)
+    _fit(_config(tmp_path, "straight"))
+    resumed = _config(tmp_path, "resumed")
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     proc = _fit(resumed, wait=False)
     deadline = time.time() + 300

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from lightning_modules import reporting
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import tiny_config
 
 
 def _records(path: Path):
@@ -47,18 +45,8 @@ def _records(path: Path):
 
 
 def _tiny_config(tmp_path: Path) -> Path:
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=32, scene_width=40,
-                                       train_per_class=12, patch_size=5, batch_size=32)
-    config["model"]["init_args"]["width"] = 8
-    config["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False,
-                             log_every_n_steps=1)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    for callback in config["trainer"]["callbacks"]:
-        callback["init_args"]["dirpath"] = str(tmp_path / "runs" / "checkpoints")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_config(tmp_path, "demo", dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5,
+                                              batch_size=32), dict(width=8), max_epochs=2, log_every_n_steps=1)
 
 
 def test_fit_logs_metrics_config_and_pictures_to_an_offline_wandb_run(tmp_path):
