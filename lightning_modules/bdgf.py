@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -511,6 +512,7 @@ class BDGF(FusionClassifier):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._ddpm_payload: dict | None = None
         self._bank_key: str | None = None  # key of the bank added to the scene with id _bank_scene
+        self._sources: dict[str, str] = {}  # where the last DDPM / bank came from ("cache" or "built")
         self._bank_scene: int | None = None
         self._branch_logits: dict[str, Tensor] = {}
 
@@ -691,6 +693,28 @@ class BDGF(FusionClassifier):
             _, scene = _scene_of(self)
         if self._bank_key is not None and self._bank_scene == id(scene) and FEATURE_KEY in scene.data:
             return
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            self._build_or_load_bank(scene)
+            return
+        # DDP: rank 0 pretrains the DDPM and extracts the bank into the cache; the other ranks wait,
+        # then read both from it, so every rank uses the same features (and the work is done once).
+        if trainer.is_global_zero:
+            self._build_or_load_bank(scene)
+            trainer.strategy.barrier("bdgf_feature_bank")
+            return
+        trainer.strategy.barrier("bdgf_feature_bank")
+        self._sources = {}
+        self._build_or_load_bank(scene)
+        built = [what for what, source in self._sources.items() if source == "built"]
+        if built:
+            logging.getLogger("lightning.pytorch").warning(f"BDGF rank {trainer.global_rank}: rebuilt the {' and '.join(built)} that rank 0 had cached "
+                      f"(is {self.cache_dir} shared between nodes?)")
+        else:
+            logging.getLogger("lightning.pytorch").info(
+                f"BDGF rank {trainer.global_rank}: DDPM and feature bank read from rank 0's cache")
+
+    def _build_or_load_bank(self, scene) -> None:
         hp = self.hparams
         if hp.feature_bank is not None:
             cube = read_external_bank(hp.feature_bank, *scene.shape)
@@ -707,6 +731,7 @@ class BDGF(FusionClassifier):
         path = self.cache_dir / "banks" / f"{key}.npy"
         shape = (self.bank_channels, *scene.shape)
         cube, reason = load_bank(path, shape)
+        self._sources["bank"] = "cache" if cube is not None else "built"
         if cube is not None:
             rank_zero_info(f"BDGF: feature bank cache hit, reusing {path}")
         else:
@@ -758,6 +783,7 @@ class BDGF(FusionClassifier):
                 payload = load_ddpm_payload(path)
                 self._check_payload_modalities(payload, path)
                 rank_zero_info(f"BDGF: DDPM cache hit, reusing {path} (no pretraining)")
+                self._sources["DDPM"] = "cache"
                 self._ddpm_payload = payload
                 return payload
             except InputError as err:
@@ -770,5 +796,6 @@ class BDGF(FusionClassifier):
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         rank_zero_info(f"BDGF: DDPM saved to {path}")
+        self._sources["DDPM"] = "built"
         self._ddpm_payload = payload
         return payload

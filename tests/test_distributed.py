@@ -67,3 +67,17 @@ def test_ddp_m3amba_switches_to_finding_unused_parameters(tmp_path):
     fit = _lightning(["fit", "--config", str(config), *DDP], tmp_path)
     assert "using strategy ddp_find_unused_parameters_true instead of ddp" in fit.stderr + fit.stdout
     assert (tmp_path / "runs" / "version_0" / "predictions" / "classification_map.tif").exists()
+
+
+def test_ddp_bdgf_builds_the_ddpm_and_feature_bank_once_on_rank_zero(tmp_path):
+    from tests.test_bdgf_module import _tiny_synthetic_config
+
+    cache = tmp_path / "cache"
+    config = _tiny_synthetic_config(tmp_path, cache)
+    fit = _lightning(["fit", "--config", str(config), *DDP], tmp_path)
+    assert "BDGF rank 1: DDPM and feature bank read from rank 0's cache" in fit.stderr
+    assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
+    ckpt = next((tmp_path / "runs").glob("version_0/checkpoints/best-*.ckpt"))
+    single = _lightning(["test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    for key in ("test/OA", "test/OA_mamba", "test/kappa"):
+        assert _test_line(fit.stdout, key) == _test_line(single.stdout, key)
