@@ -132,6 +132,10 @@ class ClassificationMapWriter(Callback):
 
     def _merge(self, parts: Path, world_size: int, expected: int, tif: Path, dm) -> int:
         """Merge the ranks' parts into ``tif`` (atomically); returns the number of predicted pixels."""
+        missing = [f"rank{r}.json" for r in range(world_size) if not (parts / f"rank{r}.json").is_file()]
+        if missing:
+            raise RuntimeError(f"{parts}: no prediction part from {', '.join(missing)}; with several nodes the "
+                               "map's output directory must be on a filesystem every node shares")
         metas = [json.loads((parts / f"rank{r}.json").read_text()) for r in range(world_size)]
         samples, double = sum(m["samples"] for m in metas), sum(m["double"] for m in metas)
         maps = [np.load(parts / f"rank{r}.npy", mmap_mode="r") for r in range(world_size)]
