@@ -101,9 +101,20 @@ def test_nan_inf_pixels_are_masked_and_all_nodata_is_refused(grid):
         _dm(grid, modalities={"a": str(grid["a"]), "d": str(dead)}).setup("fit")
 
 
-def test_too_large_patch(grid):
-    with pytest.raises(ValueError, match=r"patch_size 9 is larger than the scene \(8, 8\)"):
+def test_too_large_or_even_patch(grid):
+    from datamodules.io import InputError
+
+    with pytest.raises(InputError, match=r"patch_size 9 is larger than the scene \(8, 8\) of .*a\.tif") as err:
         _dm(grid, patch_size=9)
+    _one_line(err)
+    with pytest.raises(InputError, match=r"patch_size 9 is larger"):
+        _dm(grid, patch_size=9, sampling="tile")
+    with pytest.raises(InputError, match=r"patch_size 4 is even: .* use 5, or set allow_even_patch: true "
+                                         r"\(pixel at index 1\)") as err:
+        _dm(grid, patch_size=4)
+    _one_line(err)
+    assert _dm(grid, patch_size=4, allow_even_patch=True).patch_size == 4
+    assert _dm(grid, patch_size=4, sampling="tile").patch_size == 4  # tiles have no centre pixel
 
 
 def test_checkpoint_band_counts_must_match_the_data():

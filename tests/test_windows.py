@@ -125,17 +125,10 @@ def test_windowed_batches_keep_the_asked_order(scene_files):
         np.testing.assert_array_equal(batch["hsi"][i].numpy(), dataset[int(j)]["hsi"].numpy())
 
 
-def test_bad_windows_and_even_patches_are_refused(scene_files):
-    common = dict(modalities={"hsi": scene_files["hsi"]}, train_labels=scene_files["train"],
-                  test_labels=scene_files["test"])
+def test_a_window_size_below_one_is_refused(scene_files):
     with pytest.raises(InputError, match="predict_window must be a positive number of pixels, got 0"):
-        RasterDataModule(**common, predict_window=0)
-    with pytest.raises(InputError, match=r"patch_size 6 is even: .* use 7, or set allow_even_patch: true"):
-        RasterDataModule(**common, patch_size=6)
-    with pytest.raises(InputError, match=r"patch_size 31 is larger than the scene \(23, 29\)"):
-        RasterDataModule(**common, patch_size=31)
-    assert RasterDataModule(**common, patch_size=6, allow_even_patch=True).patch_size == 6
-    assert RasterDataModule(**common, patch_size=6, sampling="tile").patch_size == 6  # tiles have no centre
+        RasterDataModule({"hsi": scene_files["hsi"]}, train_labels=scene_files["train"],
+                         test_labels=scene_files["test"], predict_window=0)
 
 
 def test_checkpoint_statistics_drive_windowed_prediction_and_flag_another_scene(scene_files, tmp_path):
