@@ -159,21 +159,15 @@ def _common_groups(B, C):
 
 
 def _torch_backend(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """The torch scan core plus delta_bias/softplus/D/z as plain autograd ops (cheap: (batch, dim, L)).
+    """The torch scan core (delta_bias, softplus and D fused in) and the z gate as plain autograd ops.
 
     Computes in float32 (float64 stays float64, so the torch backend can be gradchecked).
     """
     dtype_in = u.dtype
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32
-    u, delta = u.to(compute), delta.to(compute)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta, threshold=20.0)
-    B, C = B.to(compute), C.to(compute)
-    y, last_state = scan_core_torch(u, delta, A.to(compute), B, C)
-    if D is not None:
-        y = y + u * D.to(compute)[:, None]
+    D, delta_bias = (None if v is None else v.to(compute) for v in (D, delta_bias))
+    y, last_state = scan_core_torch(u.to(compute), delta.to(compute), A.to(compute), B.to(compute), C.to(compute),
+                                    D, delta_bias, delta_softplus)
     if z is not None:
         y = y * F.silu(z.to(compute))
     y = y.to(dtype_in)

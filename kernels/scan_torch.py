@@ -14,7 +14,9 @@ the state at the end of each chunk is kept for backward (like mamba's CUDA kerne
 recomputes a chunk's states and exp(delta * A) from it, exactly as forward computed them, so nothing
 of size (L, batch, dim, N) is ever allocated (fresh large buffers cost page faults and memory
 bandwidth, which dominated on the 2-core CPU). y and du/ddelta are written chunk by chunk straight
-into their (batch, dim, L) outputs.
+into their (batch, dim, L) outputs. The skip term D u and softplus(delta + delta_bias) are applied to
+each chunk too (as separate autograd ops they were four more passes over (batch, dim, L)); backward
+takes softplus's derivative sigmoid(x) = 1 - exp(-softplus(x)) from the saved softplus output.
 
 Layout: a state slab is stored (batch, G, N, dim / G), state index before channel, so that every
 broadcast (delta * u over N, B over the channels of its group, A over time) has a contiguous,
@@ -45,10 +47,23 @@ CHUNK = 16
 _LOOP_MAX_N = 4
 
 
+# Rows of a (rows, L) matrix transposed per copy: a block of ~1024 x L stays in cache, which makes
+# the transpose about twice as fast as one whole-matrix copy at the SS2D shapes.
+_TRANSPOSE_ROWS = 1024
+
+
 def _time_major(x):
-    """(batch, ..., L) -> contiguous (L, batch, ...). A 2-D transpose copy: on CPU it is several times
-    faster than the equivalent 3-D/4-D permute copy."""
-    return x.reshape(-1, x.shape[-1]).t().contiguous().view(x.shape[-1], *x.shape[:-1])
+    """(batch, ..., L) -> a new contiguous (L, batch, ...), transposed in cache-sized blocks of rows."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[1], flat.shape[0])
+    for row in range(0, flat.shape[0], _TRANSPOSE_ROWS):
+        out[:, row:row + _TRANSPOSE_ROWS].copy_(flat[row:row + _TRANSPOSE_ROWS].t())
+    return out.view(x.shape[-1], *x.shape[:-1])
+
+
+def _softplus_(x, scratch):
+    """x <- softplus(x) in place (identity above 20, as mamba's kernel), with a ``scratch`` like x."""
+    return x.copy_(torch.ops.aten.softplus.out(x, 1.0, 20.0, out=scratch))
 
 
 def _time_major_view(x):
@@ -126,11 +141,11 @@ class _SelectiveScanTorch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
         # The scan accumulates in the inputs' dtype even under autocast (its einsum/matmul would
         # otherwise drop to bfloat16/float16), as mamba-ssm's kernel does.
         with torch.autocast(u.device.type, enabled=False):
-            return _SelectiveScanTorch._forward(ctx, u, delta, A, B, C)
+            return _SelectiveScanTorch._forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus)
 
     @staticmethod
     def backward(ctx, grad_y, grad_last_state):
@@ -139,12 +154,14 @@ class _SelectiveScanTorch(torch.autograd.Function):
             return _SelectiveScanTorch._backward(ctx, grad_y)
 
     @staticmethod
-    def _forward(ctx, u, delta, A, B, C):
+    def _forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
         batch, dim, length = u.shape
         groups, nstate = B.shape[1], A.shape[1]
         per = dim // groups
         u_t = _time_major(u).view(length, batch, groups, 1, per)
+        # delta's time-major copy becomes softplus(delta + delta_bias) in place, chunk by chunk.
         delta_t = _time_major(delta).view(length, batch, groups, 1, per)
+        D_g, bias_g = (None if v is None else v.reshape(groups, 1, per) for v in (D, delta_bias))
         B_t, C_t = _time_major(B), _time_major(C)  # (L, batch, G, N)
         A_g = A.reshape(groups, per, nstate).transpose(1, 2).contiguous()  # (G, N, dim / G)
 
@@ -157,19 +174,28 @@ class _SelectiveScanTorch(torch.autograd.Function):
         for chunk, start in enumerate(range(0, length, CHUNK)):
             stop = min(start + CHUNK, length)
             steps = stop - start
-            h = _chunk_states(states[:steps], decay[:steps], delta_u[:steps], u_t[start:stop], delta_t[start:stop],
+            dt = delta_t[start:stop]
+            if bias_g is not None:
+                dt += bias_g
+            if delta_softplus:
+                _softplus_(dt, scratch=delta_u[:steps])
+            h = _chunk_states(states[:steps], decay[:steps], delta_u[:steps], u_t[start:stop], dt,
                               A_g, B_t[start:stop], checkpoints[chunk - 1] if chunk else None)
             checkpoints[chunk].copy_(h[-1])
-            y_t[start:stop] = _sum_over_states(h, C_t[start:stop, ..., None], out=y_chunk[:steps]).view(steps, -1)
+            y_c = _sum_over_states(h, C_t[start:stop, ..., None], out=y_chunk[:steps])
+            if D_g is not None:
+                y_c.addcmul_(u_t[start:stop, :, :, 0], D_g[:, 0])
+            y_t[start:stop] = y_c.view(steps, -1)
 
         last_state = checkpoints[-1].transpose(-1, -2).reshape(batch, dim, nstate)  # a copy
         ctx.mark_non_differentiable(last_state)
-        ctx.save_for_backward(u_t, delta_t, A_g, B_t, C_t, checkpoints)
+        ctx.save_for_backward(u_t, delta_t, A_g, B_t, C_t, checkpoints, D_g)
+        ctx.has_bias, ctx.delta_softplus = bias_g is not None, delta_softplus
         return y, last_state
 
     @staticmethod
     def _backward(ctx, grad_y):
-        u_t, delta_t, A_g, B_t, C_t, checkpoints = ctx.saved_tensors
+        u_t, delta_t, A_g, B_t, C_t, checkpoints, D_g = ctx.saved_tensors
         length, batch, groups, _, per = u_t.shape
         nstate = A_g.shape[1]
         dim = groups * per
@@ -178,6 +204,8 @@ class _SelectiveScanTorch(torch.autograd.Function):
         grad_u_t, grad_delta_t = _time_major_view(grad_u), _time_major_view(grad_delta)
         grad_B, grad_C = torch.empty_like(B_t), torch.empty_like(C_t)
         grad_A = torch.zeros_like(A_g)
+        grad_D = None if D_g is None else torch.zeros_like(D_g)  # (G, 1, dim / G), like the bias's
+        grad_bias = torch.zeros_like(grad_A[:, :1]) if ctx.has_bias else None
         chunk_len = min(CHUNK, length)
         states, decay, grad_h = (u_t.new_empty(chunk_len, batch, groups, nstate, per) for _ in range(3))
         delta_u, grad_delta_u, grad_delta_a = (u_t.new_empty(chunk_len, batch, groups, 1, per) for _ in range(3))
@@ -211,15 +239,28 @@ class _SelectiveScanTorch(torch.autograd.Function):
             a.mul_(g)
             _sum_over_states(a, A_g, out=gda[:, :, :, 0], scratch=g)  # g is free now
             grad_A += a.mul_(delta_t[start:stop]).sum((0, 1))
-            # ddelta = d(delta u) * u + the part through exp(delta A); du = d(delta u) * delta. Computed
-            # in the chunk buffers, then copied: an elementwise op writing the strided view is slower.
-            grad_delta_t[start:stop] = gda.addcmul_(gdu, u_t[start:stop]).view(steps, -1)
-            grad_u_t[start:stop] = gdu.mul_(delta_t[start:stop]).view(steps, -1)
+            # ddelta = d(delta u) * u + the part through exp(delta A); du = d(delta u) * delta (+ D dy).
+            # Computed in the chunk buffers, then copied: an elementwise op writing the strided view is slower.
+            dt, u_c, dy_c = delta_t[start:stop], u_t[start:stop], dy_t[start:stop]
+            gda.addcmul_(gdu, u_c)
+            if ctx.delta_softplus:  # through softplus: its derivative sigmoid(x) = 1 - exp(-softplus(x))
+                gda.mul_(torch.neg(dt, out=du).exp_().neg_().add_(1.0))
+            if grad_bias is not None:
+                grad_bias += gda.sum((0, 1))
+            grad_delta_t[start:stop] = gda.view(steps, -1)
+            gdu.mul_(dt)
+            if grad_D is not None:
+                gdu.addcmul_(dy_c, D_g)
+                grad_D += torch.mul(dy_c, u_c, out=du).sum((0, 1))
+            grad_u_t[start:stop] = gdu.view(steps, -1)
 
         grad_B, grad_C = (_length_last(grad, batch, groups, nstate, length) for grad in (grad_B, grad_C))
-        return grad_u, grad_delta, grad_A.transpose(1, 2).reshape(dim, nstate), grad_B, grad_C
+        vectors = (None if g is None else g.reshape(dim) for g in (grad_D, grad_bias))
+        return (grad_u, grad_delta, grad_A.transpose(1, 2).reshape(dim, nstate), grad_B, grad_C, *vectors, None)
 
 
-def scan_core_torch(u, delta, A, B, C):
-    """Core S6 recurrence; see ``_SelectiveScanTorch``. Returns (y, last_state)."""
-    return _SelectiveScanTorch.apply(u, delta, A, B, C)
+def scan_core_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """S6 recurrence with the skip ``D`` and ``softplus(delta + delta_bias)`` fused into its chunk loop
+    (they are full passes over (batch, dim, L) otherwise); see ``_SelectiveScanTorch``. Returns
+    (y, last_state)."""
+    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)

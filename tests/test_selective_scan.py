@@ -120,6 +120,24 @@ def test_torch_backend_matches_oracle_forward_and_backward(case):
         assert_close(grads[name], ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("extras", [(), ("D",), ("delta_bias",), ("D", "delta_bias")])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_fused_skip_bias_and_softplus_each_match_oracle(extras, softplus):
+    """D, delta_bias and softplus run inside the torch core's chunk loop: each alone and together."""
+    full = make_inputs(2, 8, 37, 1, groups=4, extras=True, seed=4)
+    inputs = {k: v for k, v in full.items() if k in ("u", "delta", "A", "B", "C", *extras)}
+    if softplus:  # both sides of its threshold of 20, and negative inputs
+        inputs["delta"] = inputs["delta"] * 60 - 10
+    grad_out = torch.randn(2, 8, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, delta_softplus=softplus, backend="torch")
+    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, softplus)
+    assert_close(out, ref_out, "out")
+    assert_close(last, ref_last, "last_state")
+    assert set(grads) == set(inputs)
+    for name in inputs:
+        assert_close(grads[name], ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("b_groups,c_groups", [(4, None), (2, 3)])
 def test_mixed_b_c_layouts_match_oracle(b_groups, c_groups):
     """B and C with different layouts: 3-D C with a 4-group B; 2-group B with a 3-group C (dim 12)."""
