@@ -299,6 +299,9 @@ class RasterDataModule(L.LightningDataModule):
         if shuffle:
             sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), world, rank)
         elif world > 1:
+            if len(dataset) < world:  # a process without samples would skip the metric synchronisation: a hang
+                raise InputError(f"{self.reference.path}: an evaluation set has {len(dataset)} samples, fewer than "
+                                 f"the {world} processes; run it on fewer devices")
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         else:
             sampler = None

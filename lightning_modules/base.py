@@ -168,7 +168,8 @@ class FusionClassifier(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self.predict_logits(batch)
-        self.log("val/loss", self.cross_entropy(logits, batch["label"]), batch_size=batch["label"].shape[0])
+        self.log("val/loss", self.cross_entropy(logits, batch["label"]), batch_size=batch["label"].shape[0],
+                 sync_dist=True)
         preds = logits.argmax(1)
         self.val_metrics.update(preds, batch["label"])
         self.val_per_class.update(preds, batch["label"])

@@ -128,3 +128,17 @@ def test_checkpoint_band_counts_must_match_the_data():
     with pytest.raises(InputError, match=r"num_classes=7, the data gives 6"):
         model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "dsm": 1}, "num_classes": 7}})
     model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "dsm": 1}, "num_classes": 6}})
+
+
+def test_evaluation_set_smaller_than_the_process_count_is_refused(grid):
+    from types import SimpleNamespace
+
+    from datamodules.io import InputError
+
+    dm = _dm(grid)
+    dm.setup("test")
+    dm.trainer = SimpleNamespace(world_size=4, global_rank=1)
+    with pytest.raises(InputError, match=r"a\.tif: an evaluation set has 3 samples, fewer than the 4 processes"):
+        dm.test_dataloader()
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=1)
+    assert [len(batch["label"]) for batch in dm.test_dataloader()] == [1]  # one each, none repeated
