@@ -92,6 +92,19 @@ def assert_close(actual, expected, name, rtol=1e-4, atol=1e-4):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def assert_torch_backend_matches_oracle(inputs, grad_out, softplus, rtol=1e-4, atol=1e-4):
+    """The torch backend's output, last state and every input gradient equal the float64 oracle's."""
+    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, delta_softplus=softplus, backend="torch")
+    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, softplus)
+    assert_close(out, ref_out, "out")
+    assert_close(last, ref_last, "last_state")
+    assert set(grads) == set(inputs)
+    for name in inputs:
+        assert grads[name].shape == inputs[name].shape, name
+        assert_close(grads[name], ref_grads[name], f"grad {name}", rtol=rtol, atol=atol)
+    return out, last, grads
+
+
 # (batch, dim, L, N, groups (None = 3-D B/C), extras D/z/delta_bias, softplus)
 CASES = {
     "plain-N1-L1-batch1": (1, 4, 1, 1, None, False, False),
@@ -129,13 +142,7 @@ def test_fused_skip_bias_and_softplus_each_match_oracle(extras, softplus):
     if softplus:  # both sides of its threshold of 20, and negative inputs
         inputs["delta"] = inputs["delta"] * 60 - 10
     grad_out = torch.randn(2, 8, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, delta_softplus=softplus, backend="torch")
-    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, softplus)
-    assert_close(out, ref_out, "out")
-    assert_close(last, ref_last, "last_state")
-    assert set(grads) == set(inputs)
-    for name in inputs:
-        assert_close(grads[name], ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
+    assert_torch_backend_matches_oracle(inputs, grad_out, softplus, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("b_groups,c_groups", [(4, None), (2, 3)])
@@ -145,13 +152,7 @@ def test_mixed_b_c_layouts_match_oracle(b_groups, c_groups):
     C = make_inputs(2, 12, 23, 4, groups=c_groups, extras=False, seed=5)["C"]
     inputs["C"] = C
     grad_out = torch.randn(2, 12, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, backend="torch")
-    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, False)
-    assert_close(out, ref_out, "out")
-    assert_close(last, ref_last, "last_state")
-    for name in inputs:
-        assert grads[name].shape == inputs[name].shape, name
-        assert_close(grads[name], ref_grads[name], f"grad {name}")
+    assert_torch_backend_matches_oracle(inputs, grad_out, False)
 
 
 def test_readable_reference_matches_oracle():
@@ -224,12 +225,7 @@ def test_torch_backend_state_sum_strategies_match_oracle(monkeypatch, nstate, lo
     monkeypatch.setattr("kernels.scan_torch._LOOP_MAX_N", loop_max_n)
     inputs = make_inputs(2, 8, 37, nstate, groups=2, extras=True)
     grad_out = torch.randn(2, 8, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, delta_softplus=True, backend="torch")
-    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, True)
-    assert_close(out, ref_out, "out")
-    assert_close(last, ref_last, "last_state")
-    for name in inputs:
-        assert_close(grads[name], ref_grads[name], f"grad {name}")
+    assert_torch_backend_matches_oracle(inputs, grad_out, True)
 
 
 def test_torch_backend_is_stable_when_decays_underflow():
@@ -242,15 +238,11 @@ def test_torch_backend_is_stable_when_decays_underflow():
     tiny = 1e-4 * torch.rand(2, 8, 41, generator=gen)
     inputs["delta"] = torch.where(torch.rand(2, 8, 41, generator=gen) < 0.3, big, tiny)
     grad_out = torch.randn(2, 8, 41, dtype=torch.float64, generator=gen)
-    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, backend="torch")
-    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, False)
-    assert torch.isfinite(out).all() and torch.isfinite(last).all()
     assert (inputs["delta"][..., None] * inputs["A"][:, None, :]).min() < -900  # really underflows
-    assert_close(out, ref_out, "out")
-    assert_close(last, ref_last, "last_state")
+    out, last, grads = assert_torch_backend_matches_oracle(inputs, grad_out, False, rtol=2e-4, atol=2e-4)
+    assert torch.isfinite(out).all() and torch.isfinite(last).all()
     for name in inputs:
         assert torch.isfinite(grads[name]).all(), name
-        assert_close(grads[name], ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
 
 
 def test_torch_backend_accepts_non_contiguous_inputs():
@@ -260,12 +252,7 @@ def test_torch_backend_accepts_non_contiguous_inputs():
     inputs["u"] = inputs["u"].transpose(0, 1).contiguous().transpose(0, 1)
     assert not inputs["A"].is_contiguous() and not inputs["u"].is_contiguous()
     grad_out = torch.randn(2, 8, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    out, last, grads = run_with_grads(selective_scan, inputs, grad_out, delta_softplus=True, backend="torch")
-    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, True)
-    assert_close(out, ref_out, "out")
-    assert_close(last, ref_last, "last_state")
-    for name in inputs:
-        assert_close(grads[name], ref_grads[name], f"grad {name}")
+    assert_torch_backend_matches_oracle(inputs, grad_out, True)
 
 
 def test_last_state_carries_no_gradient_and_out_is_unchanged():
