@@ -12,9 +12,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from datamodules.io import InputError, RasterError, read_header, read_labels
-from datamodules.sampling import (IGNORE_INDEX, EpochShuffleSampler, PixelPatchDataset, TileDataset, collate,
-                                  covering_tiles)
-from datamodules.scene import (Normalization, Normalizer, Scene, check_label_grid, grid_ratios, load_scene,
+from datamodules.augment import Augment, BatchAugmenter, batch_generator
+from datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
+                                  TileDataset, balanced_classes, collate, covering_tiles)
+from datamodules.scene import (Normalization, Normalizer, PadMode, Scene, check_label_grid, grid_ratios, load_scene,
                               reference_header)
 from datamodules.splits import block_split, pixels_inside_patches
 from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
@@ -73,6 +74,16 @@ class RasterDataModule(L.LightningDataModule):
             pixels (plus a patch-sized halo) instead of loading it whole: memory is bounded by the
             window, not the scene. The map equals the in-memory one. Normalisation statistics come
             from the checkpoint (saved by training), else from a streaming pass over the windows.
+        pad_mode: what patches and tiles see beyond the scene edge: the mirrored image (``reflect``)
+            or ``zero`` in normalised units (M3amba's authors zero-pad min-max data); nodata pixels
+            inside the scene are filled as before either way.
+        augment: training-batch augmentation (:class:`~datamodules.augment.Augment`), off by default:
+            ``{flip: true, rotate: true, noise_std: 0.05}`` (or ``noise_std: {hsi: 0.05}`` for some
+            modalities). Flips/rotations are the same for every modality and the tile labels; an even
+            ``pixel`` patch is turned about its pixel (cut one larger, transformed, cropped back).
+        balanced_sampling: draw training samples with probability inversely proportional to their
+            class's size (as many per epoch, with replacement); a tile counts as its rarest labelled
+            class (fewest training pixels in the map).
     """
 
     def __init__(
@@ -104,6 +115,9 @@ class RasterDataModule(L.LightningDataModule):
         seed: int = 0,
         allow_even_patch: bool | None = None,
         predict_window: int | None = None,
+        pad_mode: PadMode = "reflect",
+        augment: Augment | None = None,
+        balanced_sampling: bool = False,
     ):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
@@ -159,6 +173,13 @@ class RasterDataModule(L.LightningDataModule):
         self.label_maps = maps
         self.scene: Scene | None = None
         self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
+        self._init_training_options(pad_mode, augment)
+
+    def _init_training_options(self, pad_mode: str, augment: Augment | None) -> None:
+        if pad_mode not in ("reflect", "zero"):
+            raise InputError(f"pad_mode must be reflect or zero, got {pad_mode!r}")
+        augmenter = BatchAugmenter(augment, list(self.modalities))
+        self.augmenter = augmenter if augmenter.active else None
 
     def _check_splits(self, maps, train_path, test_path, configured: bool) -> None:
         for split in ("train", "val", "test"):
@@ -206,7 +227,7 @@ class RasterDataModule(L.LightningDataModule):
             self.scene = load_scene(self.modalities, pad=self.patch_size, normalization=hp.normalization,
                                     normalization_overrides=hp.normalization_overrides,
                                     clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
-                                    nodata=hp.nodata)
+                                    nodata=hp.nodata, pad_mode=hp.pad_mode)
             self.normalizers = self.scene.normalizers
         return self.scene
 
@@ -255,7 +276,10 @@ class RasterDataModule(L.LightningDataModule):
     def _dataset(self, split: str):
         if self.sampling == "pixel":
             rows, cols, labels = self._pixels(split)
-            return PixelPatchDataset(self.scene, rows, cols, self.patch_size, labels)
+            # an even patch's pixel is off-centre: cut it one larger so that flips and rotations pivot on it
+            turned = split == "train" and self.augmenter is not None and self.augmenter.geometric
+            extra = int(turned and self.patch_size % 2 == 0)
+            return PixelPatchDataset(self.scene, rows, cols, self.patch_size, labels, extra)
         labels = self._tile_labels(split)
         tile = self.patch_size
         if split == "train":
@@ -281,7 +305,7 @@ class RasterDataModule(L.LightningDataModule):
 
     def _windowed_predict_dataset(self) -> WindowedPredictDataset:
         hp = self.hparams
-        source = SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {})
+        source = SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {}, hp.pad_mode)
         normalizers = self.normalizers
         if normalizers is None:
             rank_zero_info("Fitting normalisation statistics window by window (no checkpoint statistics)")
@@ -296,7 +320,9 @@ class RasterDataModule(L.LightningDataModule):
         # Under DDP, evaluation splits the samples without repeating any (exact synchronised metrics);
         # prediction is split by Lightning the same way.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if shuffle:
+        if shuffle and self.hparams.balanced_sampling:
+            sampler = ClassBalancedSampler(balanced_classes(dataset), torch.initial_seed(), world, rank)
+        elif shuffle:
             sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), world, rank)
         elif world > 1:
             if len(dataset) < world:  # a process without samples would skip the metric synchronisation: a hang
@@ -311,7 +337,19 @@ class RasterDataModule(L.LightningDataModule):
                           drop_last=shuffle and per_rank % batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
+        self._augment_seed = torch.initial_seed()  # the seed the training order uses too
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augments training batches on their device; the draws depend on (seed, epoch, rank, batch index)."""
+        trainer = self.trainer
+        if self.augmenter is None or trainer is None or not trainer.training:
+            return batch
+        batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the batch_idx training_step receives
+        device = next(iter(batch.values())).device
+        generator = batch_generator(self._augment_seed, trainer.current_epoch, trainer.global_rank, batch_idx, device)
+        extra = getattr(self.train_dataset, "extra", 0)
+        return self.augmenter(batch, generator, extra, getattr(self.train_dataset, "size", 0))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)

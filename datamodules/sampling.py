@@ -10,6 +10,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from datamodules.io import InputError
 from datamodules.scene import Scene
 
 IGNORE_INDEX = -1
@@ -51,12 +52,42 @@ class EpochShuffleSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples
 
+    def _order(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(self.length, generator=generator)
+
     def __iter__(self):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
-        order = torch.randperm(self.length, generator=generator)
+        order = self._order(generator)
         if self.total_size > self.length:
             order = order.repeat(-(-self.total_size // self.length))[:self.total_size]
         return iter(order[self.rank::self.num_replicas].tolist())
+
+
+class ClassBalancedSampler(EpochShuffleSampler):
+    """Draws as many samples per epoch as there are, with replacement, each with probability inversely
+    proportional to the size of its class: every class is drawn equally often on average.
+
+    ``classes`` gives each sample's class (see :func:`balanced_classes`). Draws depend only on (seed,
+    epoch) and are split across DDP ranks like :class:`EpochShuffleSampler` (rank k takes every
+    ``num_replicas``-th draw of the same sequence).
+    """
+
+    def __init__(self, classes: np.ndarray, seed: int, num_replicas: int = 1, rank: int = 0):
+        classes = np.asarray(classes)
+        super().__init__(len(classes), seed, num_replicas, rank)
+        order = np.argsort(classes, kind="stable")
+        _, counts = np.unique(classes, return_counts=True)
+        self.members = torch.from_numpy(order)
+        self.counts = torch.from_numpy(counts)
+        self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+
+    def _order(self, generator: torch.Generator) -> torch.Tensor:
+        # P(sample i) = 1 / (K n_class(i)), drawn as a uniform class, then a uniform member of it
+        # (exact, and unlike torch.multinomial not limited to 2^24 samples)
+        which = torch.randint(len(self.counts), (self.length,), generator=generator)
+        member = (torch.rand(self.length, generator=generator, dtype=torch.float64) * self.counts[which]).long()
+        member = torch.minimum(member, self.counts[which] - 1)
+        return self.members[self.starts[which] + member]
 
 
 def collate(batch):
@@ -71,16 +102,21 @@ class PixelPatchDataset(Dataset):
     the MS/PAN literature, e.g. index 7 of 16). A modality at r times the reference resolution gives a
     (p r) x (p r) patch over the same ground. Samples: ``{modality: (C, p r, p r), "label": class
     index (0-based)}``; without labels (prediction) ``"index"`` holds the pixel's (row, col).
+
+    ``extra`` > 0 cuts patches that many pixels larger at the top and left: an even patch cut with
+    ``extra=1`` is odd and centred on its pixel, so flips and rotations pivot on it (see
+    :class:`~datamodules.augment.BatchAugmenter`, which crops the border off again).
     """
 
     def __init__(self, scene: Scene, rows: np.ndarray, cols: np.ndarray, patch_size: int,
-                 labels: np.ndarray | None = None):
-        if scene.pad < patch_size:
-            raise ValueError(f"scene padding {scene.pad} is smaller than patch_size {patch_size}")
+                 labels: np.ndarray | None = None, extra: int = 0):
+        before, after = (patch_size - 1) // 2 + extra, patch_size // 2  # pixels the patch reaches past its pixel
+        if scene.pad < max(before, after):
+            raise ValueError(f"scene padding {scene.pad} is too small for patch_size {patch_size} (extra {extra})")
         self.rows, self.cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.offset = scene.pad - (patch_size - 1) // 2
-        self.scene, self.size = scene, patch_size
+        self.offset = scene.pad - (patch_size - 1) // 2 - extra
+        self.scene, self.size, self.extra = scene, patch_size + extra, extra
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -159,6 +195,7 @@ class TileDataset(Dataset):
             padded = np.full((h + 2 * tile, w + 2 * tile), IGNORE_INDEX, dtype=np.int64)
             padded[tile:tile + h, tile:tile + w] = labels
             self.labels = sliding_window_view(padded, (tile, tile))
+            self.class_pixels = np.bincount(labels[labels >= 0].ravel())  # labelled pixels per class
         else:
             self.labels = None
 
@@ -181,6 +218,22 @@ class TileDataset(Dataset):
             out[idx] = ((self.labels[y + self.tile, x + self.tile] >= 0) & self._owned(idx)).any(axis=(1, 2))
         return out
 
+    def rarest_classes(self) -> np.ndarray:
+        """Each tile's rarest class: of the labelled pixels it owns, the class with the fewest labelled
+        pixels in the whole map (ties: the lower class); -1 for a tile without labelled pixels."""
+        k = len(self.class_pixels)
+        by_rarity = np.lexsort((np.arange(k), self.class_pixels))  # classes, rarest first
+        rarity = np.empty(k, dtype=np.int64)
+        rarity[by_rarity] = np.arange(k)  # class -> rank
+        none = k
+        out = np.empty(len(self), dtype=np.int64)
+        for idx in np.array_split(np.arange(len(self)), max(1, len(self) // 1024)):
+            y, x = self.origins[idx, 0], self.origins[idx, 1]
+            labels = np.where(self._owned(idx), self.labels[y + self.tile, x + self.tile], IGNORE_INDEX)
+            ranks = np.where(labels >= 0, rarity[np.maximum(labels, 0)], none).min(axis=(1, 2))
+            out[idx] = np.where(ranks < none, by_rarity[np.minimum(ranks, none - 1)], IGNORE_INDEX)
+        return out
+
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         y, x = self.origins[idx, 0], self.origins[idx, 1]
@@ -196,3 +249,14 @@ class TileDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def balanced_classes(dataset: Dataset) -> np.ndarray:
+    """The class each training sample counts as for :class:`ClassBalancedSampler`: a pixel sample's own
+    class, a tile's rarest labelled class (:meth:`TileDataset.rarest_classes`)."""
+    if isinstance(dataset, PixelPatchDataset) and dataset.labels is not None:
+        return dataset.labels
+    if isinstance(dataset, TileDataset) and dataset.labels is not None:
+        return dataset.rarest_classes()
+    raise InputError(f"balanced_sampling needs labelled pixel or tile samples; the training set is a "
+                     f"{type(dataset).__name__}")

@@ -10,6 +10,7 @@ from affine import Affine
 from datamodules.io import Raster, RasterError, RasterHeader, read_header, read_raster, same_crs
 
 Normalization = Literal["zscore", "minmax", "minmax_global", "none"]
+PadMode = Literal["reflect", "zero"]
 _TOLERANCE = 1e-3  # of a pixel: georeferencing written with float rounding still aligns
 
 
@@ -182,14 +183,24 @@ def fit_normalizer(fit_pixels: np.ndarray, mode: Normalization, clip_percentile:
     return Normalizer(stats, normalised.mean(axis=1).astype(np.float32))
 
 
-def pad_scene_array(arr: np.ndarray, pad: int) -> np.ndarray:
-    """Reflect-pad a (C, H, W) array by ``pad`` pixels on every side (how patches see beyond edges)."""
-    return np.pad(arr, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+def pad_edges(arr: np.ndarray, widths: tuple[int, int, int, int], mode: PadMode = "reflect") -> np.ndarray:
+    """Pad a (C, H, W) array by (top, bottom, left, right) pixels: mirror the image (``reflect``, the
+    edge pixel not repeated) or ``zero`` in normalised units (what the network sees: the band mean
+    under zscore, the band minimum under minmax)."""
+    top, bottom, left, right = widths
+    if mode not in ("reflect", "zero"):
+        raise ValueError(f"pad_mode must be reflect or zero, got {mode!r}")
+    return np.pad(arr, ((0, 0), (top, bottom), (left, right)), mode="reflect" if mode == "reflect" else "constant")
+
+
+def pad_scene_array(arr: np.ndarray, pad: int, mode: PadMode = "reflect") -> np.ndarray:
+    """Pad a (C, H, W) array by ``pad`` pixels on every side (how patches see beyond the scene edge)."""
+    return pad_edges(arr, (pad, pad, pad, pad), mode)
 
 
 @dataclass
 class Scene:
-    """Normalised modalities on a shared reference grid, reflect-padded by ``pad`` reference pixels.
+    """Normalised modalities on a shared reference grid, padded by ``pad`` reference pixels (``pad_mode``).
 
     ``data[name]`` is float32 (bands, (H + 2 pad) r, (W + 2 pad) r) with r = ``ratios[name]``;
     ``valid`` is (H, W) on the reference grid: True where every modality has valid data.
@@ -202,6 +213,7 @@ class Scene:
     crs: object = None
     transform: Affine | None = None
     normalizers: dict[str, Normalizer] = field(default_factory=dict)
+    pad_mode: PadMode = "reflect"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -215,8 +227,7 @@ class Scene:
         """Add a (C, H, W) cube on the reference grid (e.g. a feature bank) as one more modality."""
         if cube.ndim != 3 or cube.shape[1:] != self.shape:
             raise ValueError(f"{name}: expected a (C, {self.shape[0]}, {self.shape[1]}) cube, got {cube.shape}")
-        pad = self.pad
-        self.data[name] = pad_scene_array(cube, pad)
+        self.data[name] = pad_scene_array(cube, self.pad, self.pad_mode)
         self.ratios[name] = 1
 
 
@@ -235,8 +246,9 @@ def _coarse_valid(valid: np.ndarray, ratio: int) -> np.ndarray:
 def load_scene(paths: Mapping[str, str], pad: int, *, normalization: Normalization = "zscore",
                normalization_overrides: Mapping[str, Normalization] | None = None,
                clip_percentile: float | None = None, fit_mask: np.ndarray | None = None,
-               pca: Mapping[str, int] | None = None, nodata: Mapping[str, float] | None = None) -> Scene:
-    """Read, check, normalise and pad every modality.
+               pca: Mapping[str, int] | None = None, nodata: Mapping[str, float] | None = None,
+               pad_mode: PadMode = "reflect") -> Scene:
+    """Read, check, normalise and pad every modality (``pad_mode``: see :func:`pad_edges`).
 
     ``fit_mask`` (reference grid) restricts the pixels that statistics are fitted on (e.g. training
     pixels only, against transductive leakage); by default every valid pixel of the scene is used.
@@ -261,5 +273,5 @@ def load_scene(paths: Mapping[str, str], pad: int, *, normalization: Normalizati
         mode = (normalization_overrides or {}).get(name, normalization)
         fit_pixels = raster.data[:, _block_mask(fit, r) & raster.valid]
         normalizers[name] = fit_normalizer(fit_pixels, mode, clip_percentile, (pca or {}).get(name))
-        data[name] = pad_scene_array(normalizers[name].apply(raster.data, raster.valid), pad * r)
-    return Scene(data, ratios, valid, pad, ref.crs, ref.transform, normalizers)
+        data[name] = pad_scene_array(normalizers[name].apply(raster.data, raster.valid), pad * r, pad_mode)
+    return Scene(data, ratios, valid, pad, ref.crs, ref.transform, normalizers, pad_mode)

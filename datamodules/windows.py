@@ -2,8 +2,8 @@
 
 The scene is never held whole: each window (plus a halo of ``pad`` pixels) is read from disk,
 normalised and cut into samples when its first sample is asked for. Windows reproduce the in-memory
-scene exactly: the halo comes from the neighbouring pixels and the scene edge is reflect-padded like
-:func:`~datamodules.scene.load_scene`. Normalisation statistics come from the checkpoint, the loaded
+scene exactly: the halo comes from the neighbouring pixels and the scene edge is padded like
+:func:`~datamodules.scene.load_scene` (reflect or zero, ``pad_mode``). Normalisation statistics come from the checkpoint, the loaded
 scene, or a streaming pass over the windows (:func:`fit_streaming`).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from datamodules.io import RasterError, read_raster
 from datamodules.sampling import PixelPatchDataset, TileDataset, covering_tiles
-from datamodules.scene import (BandStats, Normalization, Normalizer, Scene, _block_mask, _coarse_valid,
-                               pca_from_moments)
+from datamodules.scene import (BandStats, Normalization, Normalizer, PadMode, Scene, _block_mask, _coarse_valid,
+                               pad_edges, pca_from_moments)
 
 Window = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 on the reference grid
 MAX_PERCENTILE_SAMPLES = 1_000_000
@@ -38,6 +38,7 @@ class SceneSource:
     ratios: Mapping[str, int]
     shape: tuple[int, int]
     nodata: Mapping[str, float]
+    pad_mode: PadMode = "reflect"
 
     def read(self, window: Window) -> tuple[dict, np.ndarray]:
         """Raw modality windows and the reference-grid validity of ``window``."""
@@ -55,21 +56,20 @@ class SceneSource:
         r0, r1, c0, c1 = core
         read = (max(0, r0 - pad), min(h, r1 + pad), max(0, c0 - pad), min(w, c1 + pad))
         rasters, _ = self.read(read)
-        # Beyond the scene edge the whole-scene array is reflect-padded: do the same on clipped sides.
+        # Beyond the scene edge the whole-scene array is padded (pad_mode): do the same on clipped sides.
         missing = (pad - (r0 - read[0]), pad - (read[1] - r1), pad - (c0 - read[2]), pad - (read[3] - c1))
         data = {}
         for name, raster in rasters.items():
             r = self.ratios[name]
             arr = normalizers[name].apply(raster.data, raster.valid)
-            top, bottom, left, right = (m * r for m in missing)
-            data[name] = np.pad(arr, ((0, 0), (top, bottom), (left, right)), mode="reflect")
+            data[name] = pad_edges(arr, tuple(m * r for m in missing), self.pad_mode)
         valid = np.ones((r1 - r0, c1 - c0), dtype=bool)
         for name, raster in rasters.items():
             r = self.ratios[name]
             rows = slice((r0 - read[0]) * r, (r1 - read[0]) * r)
             cols = slice((c0 - read[2]) * r, (c1 - read[2]) * r)
             valid &= _coarse_valid(raster.valid[rows, cols], r)
-        return Scene(data, dict(self.ratios), valid, pad, normalizers=dict(normalizers))
+        return Scene(data, dict(self.ratios), valid, pad, normalizers=dict(normalizers), pad_mode=self.pad_mode)
 
 
 def valid_counts(source: SceneSource, windows: list[Window]) -> np.ndarray:

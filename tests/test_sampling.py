@@ -6,8 +6,9 @@ import pytest
 
 from datamodules import RasterDataModule
 from datamodules.io import read_raster
-from datamodules.sampling import IGNORE_INDEX, covering_tiles
-from datamodules.scene import fit_band_stats
+from datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset,
+                                  covering_tiles)
+from datamodules.scene import Scene, fit_band_stats
 from datamodules.splits import block_split, pixels_inside_patches
 from tests.conftest import write_tif
 
@@ -144,3 +145,108 @@ def test_synthetic_scene_needs_both_modalities(tiny_hsi_scene):
     assert different_spectrum > 5 * same_spectrum
     height_gap = dsm[trees].mean() - dsm[grass].mean()
     assert height_gap > 4 and abs(dsm[trees].mean() - dsm[roofs].mean()) < 0.5 * height_gap
+
+
+def _draws(sampler, epochs) -> np.ndarray:
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        out.extend(sampler)
+    return np.array(out)
+
+
+def test_balanced_sampler_draws_each_class_equally_and_each_sample_by_inverse_class_size():
+    sizes = [2000, 300, 40, 3]
+    classes = np.random.default_rng(0).permutation(np.repeat(np.arange(4), sizes))
+    sampler = ClassBalancedSampler(classes, seed=7)
+    assert len(sampler) == len(classes) and len(list(sampler)) == len(classes)  # as many per epoch as there are
+    draws = _draws(sampler, 10)
+    n = len(draws)
+    per_class = np.bincount(classes[draws], minlength=4)
+    bound = 5 * np.sqrt(n * 0.25 * 0.75)  # binomial, 5 sigma
+    assert np.all(np.abs(per_class - n / 4) < bound), per_class
+    # within the 3-sample class each sample has probability 1 / (4 * 3)
+    counts = np.bincount(draws, minlength=len(classes))[classes == 3]
+    p = 1 / 12
+    assert np.all(np.abs(counts - n * p) < 5 * np.sqrt(n * p * (1 - p))), counts
+    # a sample of the largest class: probability 1 / (4 * 2000), about 2.8 draws in 22,343
+    big = np.bincount(draws, minlength=len(classes))[classes == 0]
+    assert abs(big.mean() - n / (4 * 2000)) < 0.2
+
+
+def test_balanced_sampler_is_a_function_of_seed_and_epoch():
+    classes = np.repeat(np.arange(3), [50, 20, 5])
+    a, b = ClassBalancedSampler(classes, seed=3), ClassBalancedSampler(classes, seed=3)
+    for epoch in (0, 4):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        assert list(a) == list(b)
+    a.set_epoch(1)
+    b.set_epoch(2)
+    assert list(a) != list(b)
+    assert list(ClassBalancedSampler(classes, seed=4)) != list(ClassBalancedSampler(classes, seed=3))
+
+
+@pytest.mark.parametrize("sampler_class", [EpochShuffleSampler, ClassBalancedSampler])
+def test_ddp_ranks_split_one_draw_sequence_disjointly(sampler_class):
+    classes = np.repeat(np.arange(3), [40, 12, 5])  # 57 samples: 3 ranks of 19, 4 ranks of 15 (3 wrapped)
+    make = (lambda **kw: ClassBalancedSampler(classes, seed=5, **kw)) if sampler_class is ClassBalancedSampler \
+        else (lambda **kw: EpochShuffleSampler(len(classes), seed=5, **kw))
+    single = make()
+    single.set_epoch(2)
+    whole = list(single)
+    for world in (3, 4):
+        ranks = []
+        for rank in range(world):
+            sampler = make(num_replicas=world, rank=rank)
+            sampler.set_epoch(2)
+            ranks.append(list(sampler))
+        assert {len(r) for r in ranks} == {-(-len(classes) // world)}
+        # rank k takes positions k, k + world, ...: the positions are disjoint and rebuild one sequence
+        rebuilt = [ranks[i % world][i // world] for i in range(world * len(ranks[0]))]
+        assert rebuilt[:len(whole)] == whole
+        assert rebuilt[len(whole):] == whole[:len(rebuilt) - len(whole)]  # padding wraps around
+
+
+def test_tile_rarest_class_against_brute_force():
+    rng = np.random.default_rng(4)
+    h, w, tile = 21, 26, 8
+    labels = rng.choice([IGNORE_INDEX, 0, 1, 2, 3], p=[0.5, 0.3, 0.12, 0.05, 0.03], size=(h, w))
+    labels[:, :6] = np.where(labels[:, :6] >= 0, 0, IGNORE_INDEX)  # tiles holding class 0 only
+    scene = Scene({"x": np.zeros((1, h + 2 * tile, w + 2 * tile), np.float32)}, {"x": 1}, np.ones((h, w), bool), tile)
+    ys, xs = np.arange(-4, h - 4, 3), np.arange(-4, w - 4, 3)
+    origins = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    dataset = TileDataset(scene, origins, tile, labels)
+    counts = np.bincount(labels[labels >= 0])
+    expected = []
+    for y, x in origins:
+        window = labels[max(y, 0):y + tile, max(x, 0):x + tile]
+        present = np.unique(window[window >= 0])
+        expected.append(min(present, key=lambda c: (counts[c], c)) if len(present) else IGNORE_INDEX)
+    np.testing.assert_array_equal(dataset.rarest_classes(), expected)
+    assert 0 in expected and 3 in expected
+
+
+def test_balanced_tile_sampling_through_the_datamodule(tmp_path):
+    rng = np.random.default_rng(6)
+    shape = (40, 44)
+    train, test = _split_labels(shape, rng)
+    train[train == 3] = 0
+    train[5:7, 30:32], test[5:7, 30:32] = 3, 0  # one small patch of a rare class
+    common = dict(modalities={"x": str(write_tif(tmp_path / "x.tif", rng.normal(size=(1, *shape)).astype(np.float32)))},
+                  train_labels=str(write_tif(tmp_path / "tr.tif", train)),
+                  test_labels=str(write_tif(tmp_path / "te.tif", test)), sampling="tile", patch_size=8,
+                  train_stride=4, val_labels=str(write_tif(tmp_path / "va.tif", test)))
+    dm = RasterDataModule(**common, balanced_sampling=True)
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, ClassBalancedSampler)
+    rarest = dm.train_dataset.rarest_classes()
+    assert (rarest == 2).sum() <= 4 < len(rarest)  # only the tiles over the rare patch count as class 3
+    draws = _draws(sampler, 40)
+    freq = np.bincount(rarest[draws], minlength=3) / len(draws)
+    k = len(np.unique(rarest))
+    assert np.all(np.abs(freq[np.unique(rarest)] - 1 / k) < 5 * np.sqrt((1 / k) * (1 - 1 / k) / len(draws))), freq
+    plain = RasterDataModule(**common)
+    plain.setup("fit")
+    assert type(plain.train_dataloader().sampler) is EpochShuffleSampler

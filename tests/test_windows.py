@@ -30,15 +30,17 @@ def scene_files(tmp_path):
     }
 
 
-def _source(files) -> SceneSource:
-    return SceneSource({"hsi": files["hsi"], "pan": files["pan"]}, {"hsi": 1, "pan": 2}, (H, W), {})
+def _source(files, pad_mode="reflect") -> SceneSource:
+    return SceneSource({"hsi": files["hsi"], "pan": files["pan"]}, {"hsi": 1, "pan": 2}, (H, W), {}, pad_mode)
 
 
+@pytest.mark.parametrize("pad_mode", ["reflect", "zero"])
 @pytest.mark.parametrize("core", [(0, 7, 0, 9), (8, 23, 10, 29), (5, 6, 20, 21), (0, 23, 0, 29), (2, 20, 0, 29)])
-def test_a_window_equals_the_same_part_of_the_whole_padded_scene(scene_files, core):
+def test_a_window_equals_the_same_part_of_the_whole_padded_scene(scene_files, core, pad_mode):
     pad = 5
-    whole = load_scene({"hsi": scene_files["hsi"], "pan": scene_files["pan"]}, pad=pad)
-    window = _source(scene_files).scene(core, pad, whole.normalizers)
+    whole = load_scene({"hsi": scene_files["hsi"], "pan": scene_files["pan"]}, pad=pad, pad_mode=pad_mode)
+    window = _source(scene_files, pad_mode).scene(core, pad, whole.normalizers)
+    assert window.pad_mode == pad_mode
     r0, r1, c0, c1 = core
     for name, r in (("hsi", 1), ("pan", 2)):
         expected = whole.data[name][:, r0 * r:(r1 + 2 * pad) * r, c0 * r:(c1 + 2 * pad) * r]
@@ -75,6 +77,55 @@ def test_streaming_statistics_equal_the_in_memory_fit(scene_files, options):
             np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=2e-5, err_msg=f"{name}.{key}")
 
 
+def test_zero_padding_is_zero_beyond_the_edge_in_normalised_units_and_keeps_the_nodata_fill(scene_files):
+    paths = {"hsi": scene_files["hsi"], "pan": scene_files["pan"]}
+    pad = 4
+    zero = load_scene(paths, pad=pad, pad_mode="zero", normalization="minmax")
+    reflect = load_scene(paths, pad=pad, normalization="minmax")
+    for name, r in (("hsi", 1), ("pan", 2)):
+        p = pad * r
+        inner = reflect.data[name][:, p:-p, p:-p]
+        np.testing.assert_array_equal(zero.data[name][:, p:-p, p:-p], inner)  # the same normalised image
+        np.testing.assert_array_equal(reflect.data[name], np.pad(inner, ((0, 0), (p, p), (p, p)), mode="reflect"))
+        border = np.ones(zero.data[name].shape[1:], dtype=bool)
+        border[p:-p, p:-p] = False
+        assert (zero.data[name][:, border] == 0).all()  # 0 = the band minimum under minmax, as the authors pad
+    # the nodata corner (rows :3, cols :4) holds the fill value (the mean), not zero, in both modes
+    fill = zero.normalizers["hsi"].fill
+    assert (fill > 0.2).all()
+    np.testing.assert_array_equal(zero.data["hsi"][:, pad:pad + 3, pad:pad + 4],
+                                  np.broadcast_to(fill[:, None, None], (6, 3, 4)))
+    # feature-bank style modalities added later are padded the same way
+    cube = np.arange(2 * H * W, dtype=np.float32).reshape(2, H, W) + 1
+    zero.add("bank", cube)
+    reflect.add("bank", cube)
+    assert (zero.data["bank"][:, :pad] == 0).all() and (zero.data["bank"][:, :, -pad:] == 0).all()
+    np.testing.assert_array_equal(zero.data["bank"][:, pad:-pad, pad:-pad], cube)
+    np.testing.assert_array_equal(reflect.data["bank"][:, pad - 1, pad:-pad], cube[:, 1])
+
+
+def test_a_tile_at_the_scene_corner_sees_zeros_beyond_the_edge(scene_files):
+    """The authors' first training tile starts at -tile/2: with pad_mode zero its outer half is zero."""
+    common = dict(modalities={"hsi": scene_files["hsi"], "pan": scene_files["pan"]}, train_labels=scene_files["train"],
+                  test_labels=scene_files["test"], sampling="tile", patch_size=8, train_stride=4, split_block_size=4,
+                  normalization="minmax")
+    dm = RasterDataModule(**common, pad_mode="zero")
+    dm.setup("fit")
+    origins = dm.train_dataset.origins
+    first = int(np.flatnonzero((origins == [-4, -4]).all(axis=1))[0])
+    tile = dm.train_dataset[first]
+    assert (tile["hsi"][:, :4, :].numpy() == 0).all() and (tile["hsi"][:, :, :4].numpy() == 0).all()
+    assert (tile["pan"][:, :8, :].numpy() == 0).all() and (tile["pan"][:, :, :8].numpy() == 0).all()
+    np.testing.assert_array_equal(tile["hsi"][:, 4:, 4:].numpy(), dm.scene.data["hsi"][:, 8:12, 8:12])
+    assert (tile["label"][:4].numpy() == -1).all()  # nothing beyond the edge is labelled
+
+
+def test_pad_mode_is_checked(scene_files):
+    with pytest.raises(InputError, match="pad_mode must be reflect or zero, got 'edge'"):
+        RasterDataModule({"hsi": scene_files["hsi"]}, train_labels=scene_files["train"],
+                         test_labels=scene_files["test"], pad_mode="edge")
+
+
 def test_pca_axes_have_a_fixed_sign(scene_files):
     whole = load_scene({"hsi": scene_files["hsi"]}, pad=1, pca={"hsi": 3})
     axes = whole.normalizers["hsi"].pca[1]
@@ -91,12 +142,13 @@ def _all_samples(dataset) -> dict:
     return out
 
 
+@pytest.mark.parametrize("pad_mode", ["reflect", "zero"])
 @pytest.mark.parametrize("sampling,patch,window", [("pixel", 5, 7), ("pixel", 5, 100), ("tile", 8, 8),
-                                                   ("tile", 8, 13), ("tile", 8, 5)])
-def test_windowed_prediction_samples_equal_the_in_memory_ones(scene_files, sampling, patch, window):
+                                                   ("tile", 8, 13), ("tile", 8, 5), ("tile", 16, 13)])
+def test_windowed_prediction_samples_equal_the_in_memory_ones(scene_files, sampling, patch, window, pad_mode):
     common = dict(modalities={"hsi": scene_files["hsi"], "pan": scene_files["pan"]},
                   train_labels=scene_files["train"], test_labels=scene_files["test"], sampling=sampling,
-                  patch_size=patch, split_block_size=4)
+                  patch_size=patch, split_block_size=4, pad_mode=pad_mode)
     in_memory = RasterDataModule(**common)
     in_memory.setup("predict")
     windowed = RasterDataModule(**common, predict_window=window)
