@@ -78,7 +78,7 @@ def run_config(config: dict, run_dir: Path, seed: int) -> Path:
 
 def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, overrides: list[str]) -> RunResult:
     """One ``fit`` + test of the best checkpoint + timed full-scene prediction, in this process."""
-    from lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from lightning_modules.cli import RSFusionCLI, cli_kwargs, evaluation_checkpoint
     from lightning_modules.maps import ensure_map_writer
 
     run_dir = output / label / f"seed{seed}"
@@ -91,8 +91,7 @@ def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, o
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    checkpoint = trainer.checkpoint_callback
-    ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
+    ckpt = evaluation_checkpoint(trainer)
     (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     writer = ensure_map_writer(trainer)
     start = time.perf_counter()
