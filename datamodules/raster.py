@@ -66,11 +66,12 @@ class RasterDataModule(L.LightningDataModule):
             (``test_fraction`` for test), with a guard band of ``guard`` pixels (default: half a patch)
             removed from training around test blocks; or, with ``train_per_class``, by per-class
             sampling.
-        train_per_class: N training pixels per class drawn at random (capped at half the class), or
-            that fraction of each class when < 1. With ``labels``: every other labelled pixel is test,
+        train_per_class: N training pixels per class drawn at random, or that fraction of each class
+            when < 1. With ``labels``: at most half of each class; every other labelled pixel is test,
             except the test pixels within ``guard`` pixels of a training pixel (removed and reported:
-            no test pixel lies inside a training patch). With train/test maps: N per class are drawn
-            from the training map (the others are not used) and the official test map is kept whole.
+            no test pixel lies inside a training patch). With train/test maps: N per class (at most
+            all) are drawn from the training map, the others are not used, and the official test map
+            is kept whole.
             Validation then comes from the drawn pixels (``val_fraction``) or ``val_labels``.
         label_map: old class value -> new class value (0 = unlabelled), applied to every label map
             right after reading, e.g. ``{1: 1, 2: 2, 3: 2}`` merges classes 2 and 3. Every class value
@@ -220,7 +221,7 @@ class RasterDataModule(L.LightningDataModule):
             rank_zero_info(f"Block split (seed {seed}): the guard band of {guard} px removed {dropped} training "
                            "pixels around the test blocks")
         elif train_per_class is not None:  # official maps: subsample the training map, keep the official test set
-            maps["train"] = sample_per_class(maps["train"], train_per_class, seed)
+            maps["train"] = sample_per_class(maps["train"], train_per_class, seed, keep_test=False)
             self._log_per_class(maps["train"], None, train_per_class, seed, guard)
         if "val" not in maps and val_fraction > 0:
             maps["train"], maps["val"] = block_split(maps["train"], val_fraction, block_size, seed + 1)

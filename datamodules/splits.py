@@ -90,18 +90,20 @@ def pixels_inside_patches(train: np.ndarray, test: np.ndarray, patch_size: int) 
     return int((patch_coverage(train, patch_size) & (test > 0)).sum())
 
 
-def per_class_quota(counts: np.ndarray, per_class: int | float) -> np.ndarray:
+def per_class_quota(counts: np.ndarray, per_class: int | float, keep_test: bool = True) -> np.ndarray:
     """Training pixels to draw from classes with ``counts`` labelled pixels.
 
     ``per_class >= 1``: N pixels, capped at half the class (min(N, floor(count / 2)), the BDGF spec's
     rule, so every class keeps at least as many test pixels as training ones). ``0 < per_class < 1``:
     that fraction of each class, rounded, at least 1 and at most all but one pixel. A class of one
-    pixel gets no training pixel.
+    pixel gets no training pixel. ``keep_test=False`` (drawing from a training map whose test set is
+    elsewhere): capped at the whole class instead.
     """
     counts = np.asarray(counts, dtype=np.int64)
+    most = np.maximum(counts - 1, 0) if keep_test else counts
     if per_class >= 1:
-        return np.minimum(int(per_class), counts // 2)
-    return np.minimum(np.maximum(1, np.rint(per_class * counts).astype(np.int64)), np.maximum(counts - 1, 0))
+        return np.minimum(int(per_class), counts // 2 if keep_test else counts)
+    return np.minimum(np.maximum(1, np.rint(per_class * counts).astype(np.int64)), most)
 
 
 def check_per_class(per_class: int | float) -> None:
@@ -111,14 +113,14 @@ def check_per_class(per_class: int | float) -> None:
                          f"(0, 1), got {per_class!r}")
 
 
-def sample_per_class(labels: np.ndarray, per_class: int | float, seed: int) -> np.ndarray:
+def sample_per_class(labels: np.ndarray, per_class: int | float, seed: int, keep_test: bool = True) -> np.ndarray:
     """The training map of N labelled pixels per class (:func:`per_class_quota`) drawn uniformly at
     random from ``labels`` with ``seed``; every other pixel of the returned map is 0."""
     check_per_class(per_class)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels[labels > 0], return_counts=True)
     train = np.zeros_like(labels)
-    for cls, n in zip(classes, per_class_quota(counts, per_class)):
+    for cls, n in zip(classes, per_class_quota(counts, per_class, keep_test)):
         take = rng.choice(np.flatnonzero(labels == cls), size=int(n), replace=False)
         train.flat[take] = cls
     return train

@@ -48,6 +48,7 @@ def test_exact_n_per_class_with_the_half_class_cap():
     assert counts[6] == 1 and got[6] == 0  # a single pixel cannot be both train and test
     np.testing.assert_array_equal(train[train > 0], labels[train > 0])  # drawn pixels keep their class
     np.testing.assert_array_equal(per_class_quota(np.array([0, 1, 2, 3, 7, 40, 41]), 20), [0, 0, 1, 1, 3, 20, 20])
+    np.testing.assert_array_equal(per_class_quota(np.array([0, 1, 7, 40]), 20, keep_test=False), [0, 1, 7, 20])
 
 
 def test_fraction_per_class():
@@ -57,6 +58,7 @@ def test_fraction_per_class():
     np.testing.assert_array_equal(got[:5], np.rint(0.1 * counts[:5]))
     assert got[5] == 1 and got[6] == 0  # at least one pixel, never the whole class
     np.testing.assert_array_equal(per_class_quota(np.array([1, 2, 10, 15]), 0.9), [0, 1, 9, 14])
+    np.testing.assert_array_equal(per_class_quota(np.array([1, 2, 10, 15]), 0.9, keep_test=False), [1, 2, 9, 14])
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, 2.25, True, "20"])
@@ -175,8 +177,13 @@ def test_per_class_on_official_maps_subsamples_train_and_keeps_the_test_map(scen
     tr, te = write_tif(paths["dir"] / "tr.tif", train_map), write_tif(paths["dir"] / "te.tif", test_map)
     dm = RasterDataModule({"hsi": str(paths["hsi"])}, train_labels=str(tr), test_labels=str(te),
                           train_per_class=5, patch_size=5, val_fraction=0, seed=9)
-    np.testing.assert_array_equal(dm.label_maps["train"], sample_per_class(train_map, 5, seed=9))
+    np.testing.assert_array_equal(dm.label_maps["train"], sample_per_class(train_map, 5, seed=9, keep_test=False))
     np.testing.assert_array_equal(dm.label_maps["test"], test_map)
+    # the test set is elsewhere: a small class gives all its training pixels, not half of them
+    counts = np.bincount(train_map.ravel(), minlength=8)[1:]
+    np.testing.assert_array_equal(np.bincount(dm.label_maps["train"].ravel(), minlength=8)[1:],
+                                  np.minimum(counts, 5))
+    assert 0 < counts[5] < 5
     assert dm.guard_removed is None
 
 
@@ -300,3 +307,18 @@ def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(
                         r"seed 0, here 1\): .* pass --data\.init_args\.seed 0 .*", err), err
     main(["test", "--config", seed0, "--seed_everything", "1", "--data.init_args.seed", "0", "--ckpt_path", str(last)])
     assert "test/OA" in capsys.readouterr().out
+
+
+def test_the_xian_urban_example_in_the_das2f_config(tmp_path):
+    """The commented ``label_map`` of configs/das2f_xian.yaml, uncommented, merges an MS/PAN copy's classes."""
+    from datamodules import MSPanDataModule
+    from datamodules.synthetic import make_mspan_scene
+
+    example = re.search(r"^\s*# (label_map: .*)$", (CONFIGS / "das2f_xian.yaml").read_text(), re.M).group(1)
+    label_map = yaml.safe_load(example)["label_map"]
+    assert label_map == {1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 4, 7: 3}
+    paths = make_mspan_scene(tmp_path, height=24, width=20, train_per_class=8)
+    dm = MSPanDataModule(root=str(tmp_path), patch_size=4, label_map=label_map, val_fraction=0)
+    raw = np.load(paths["train"])
+    assert dm.num_classes == 4 and dm.class_names == ["class 1", "class 2", "class 3", "class 4"]
+    np.testing.assert_array_equal(dm.label_maps["train"], np.array([0, 1, 2, 2, 2, 3, 4, 3])[raw])
