@@ -1,6 +1,7 @@
 """``RasterDataModule``: any set of co-registered rasters + label maps -> patch or tile batches."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Literal
 
@@ -17,7 +18,8 @@ from datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuff
                                   TileDataset, balanced_classes, collate, covering_tiles)
 from datamodules.scene import (Normalization, Normalizer, PadMode, Scene, check_label_grid, grid_ratios, load_scene,
                               reference_header)
-from datamodules.splits import block_split, pixels_inside_patches
+from datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
+                               sample_per_class)
 from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,15 @@ def _same_normalizer(a: Normalizer, b: Normalizer | None) -> bool:
         sa[k].shape == sb[k].shape and np.allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5) for k in sa)
 
 
+def _digest(maps: dict[str, np.ndarray]) -> str:
+    """SHA-256 of named label maps (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name in sorted(maps):
+        digest.update(f"{name}{maps[name].shape}".encode())
+        digest.update(np.ascontiguousarray(maps[name], dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
 class RasterDataModule(L.LightningDataModule):
     """Co-registered rasters of several modalities with train/test (and optional val) label maps.
 
@@ -50,10 +61,25 @@ class RasterDataModule(L.LightningDataModule):
         train_labels, test_labels, val_labels: label maps on the coarsest modality's grid, 0 =
             unlabelled, 1..K = classes. Without ``val_labels`` a stratified validation split of
             ``val_fraction`` is taken from the training labels in spatial blocks of
-            ``split_block_size`` pixels.
+            ``split_block_size`` pixels; ``val_fraction: 0`` keeps every training pixel for training,
+            runs no validation loop, and the run keeps its last epoch.
         labels: a single label map instead of train/test maps: split into spatially disjoint blocks
             (``test_fraction`` for test), with a guard band of ``guard`` pixels (default: half a patch)
-            removed from training around test blocks.
+            removed from training around test blocks; or, with ``train_per_class``, by per-class
+            sampling.
+        train_per_class: N training pixels per class drawn at random, or that fraction of each class
+            when < 1. With ``labels``: at most half of each class; every other labelled pixel is test,
+            except the test pixels within ``guard`` pixels of a training pixel (removed and reported:
+            no test pixel lies inside a training patch). With train/test maps: N per class (at most
+            all) are drawn from the training map, the others are not used, and the official test map
+            is kept whole.
+            Validation then comes from the drawn pixels (``val_fraction``) or ``val_labels``.
+        label_map: old class value -> new class value (0 = unlabelled), applied to every label map
+            right after reading, e.g. ``{1: 1, 2: 2, 3: 2}`` merges classes 2 and 3. Every class value
+            in the maps must be a key; ``class_names`` then names the new classes.
+        seed: the seed of the random splits (validation blocks use ``seed + 1``). ``None`` (default):
+            the run's ``seed_everything`` (the CLI fills it in; 0 outside the CLI), so runs with
+            different seeds draw different splits; set it to keep one split across seeds.
         class_names: names of classes 1..K; fixes K (labels above K are an error). Default: K from the
             maps and names "class k".
         sampling: ``pixel`` = one sample per labelled pixel with a ``patch_size`` window centred on it
@@ -108,11 +134,13 @@ class RasterDataModule(L.LightningDataModule):
         pca: dict[str, int] | None = None,
         nodata: dict[str, float] | None = None,
         label_nodata: int | None = None,
+        label_map: dict[int, int] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.5,
+        train_per_class: int | float | None = None,
         split_block_size: int = 16,
         guard: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         allow_even_patch: bool | None = None,
         predict_window: int | None = None,
         pad_mode: PadMode = "reflect",
@@ -149,14 +177,11 @@ class RasterDataModule(L.LightningDataModule):
                              f"{self.reference.path}")
 
         self.class_names = list(class_names) if class_names else None
+        self.hparams.seed = seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
+        maps = self._read_label_maps({"train": train_labels, "test": test_labels, "val": val_labels, "all": labels},
+                                     label_map, label_nodata)
         fixed_k = len(self.class_names) if self.class_names else None
-        maps = {}
-        for split, path in (("train", train_labels), ("test", test_labels), ("val", val_labels), ("all", labels)):
-            if path is not None:
-                check_label_grid(self.reference, path)
-                maps[split], _ = read_labels(path, fixed_k, label_nodata)
-                maps[split] = maps[split].astype(np.int16 if maps[split].max() < 2 ** 15 else np.int32)
-        self.num_classes = fixed_k or int(max(m.max() for m in maps.values()))
+        self.num_classes = fixed_k or int(max(label_map.values()) if label_map else max(m.max() for m in maps.values()))
         if self.num_classes < 1:
             raise RasterError(f"{labels or train_labels}: no labelled pixel (0 = unlabelled, 1..K = classes)")
         if self.class_names is None:
@@ -164,13 +189,11 @@ class RasterDataModule(L.LightningDataModule):
         self.palette = [tuple(c) for c in palette] if palette else \
             [DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(self.num_classes)]
 
-        guard = patch_size // 2 if guard is None else guard
-        if "all" in maps:
-            maps["train"], maps["test"] = block_split(maps["all"], test_fraction, split_block_size, seed, guard)
-        if "val" not in maps:
-            maps["train"], maps["val"] = block_split(maps["train"], val_fraction, split_block_size, seed + 1)
-        self._check_splits(maps, train_labels or labels, test_labels or labels, fixed_k is not None)
-        self.label_maps = maps
+        self._labels_digest = _digest(maps)
+        self.guard_removed: np.ndarray | None = None  # per class: test pixels the per-class guard band removed
+        self.label_maps = self._split(maps, train_per_class, val_fraction, test_fraction, split_block_size,
+                                      patch_size // 2 if guard is None else guard, seed)
+        self._check_splits(self.label_maps, train_labels or labels, test_labels or labels, fixed_k is not None)
         self.scene: Scene | None = None
         self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
         self._init_training_options(pad_mode, augment)
@@ -181,21 +204,83 @@ class RasterDataModule(L.LightningDataModule):
         augmenter = BatchAugmenter(augment, list(self.modalities))
         self.augmenter = augmenter if augmenter.active else None
 
+    def _read_label_maps(self, paths: dict[str, str | None], label_map: dict[int, int] | None,
+                         label_nodata: int | None) -> dict[str, np.ndarray]:
+        """Read every given label map; ``label_map`` renumbers its classes before anything else."""
+        fixed_k = len(self.class_names) if self.class_names else None
+        if label_map and fixed_k is not None and max(label_map.values()) != fixed_k:
+            raise InputError(f"label_map maps to classes 1..{max(label_map.values())} but class_names names "
+                             f"{fixed_k}: give one name per new class")
+        maps = {}
+        for split, path in paths.items():
+            if path is None:
+                continue
+            check_label_grid(self.reference, path)
+            values, _ = read_labels(path, None if label_map else fixed_k, label_nodata)
+            if label_map:
+                values = remap_labels(values, label_map, path)
+            maps[split] = values.astype(np.int16 if values.max() < 2 ** 15 else np.int32)
+        return maps
+
+    def _split(self, maps: dict[str, np.ndarray], train_per_class, val_fraction: float, test_fraction: float,
+               block_size: int, guard: int, seed: int) -> dict[str, np.ndarray]:
+        """train/val/test maps from the given ones by the configured protocol (see the class docstring)."""
+        if not 0 <= val_fraction < 1:
+            raise InputError(f"val_fraction must be in [0, 1) (0 = no validation set), got {val_fraction}")
+        maps = dict(maps)
+        if train_per_class is not None:
+            check_per_class(train_per_class)
+        if "all" in maps and train_per_class is not None:
+            maps["train"], maps["test"], removed = per_class_split(maps.pop("all"), train_per_class, seed, guard)
+            self._log_per_class(maps["train"], removed, train_per_class, seed, guard)
+        elif "all" in maps:
+            if not 0 < test_fraction < 1:
+                raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
+            everything = maps.pop("all")
+            maps["train"], maps["test"] = block_split(everything, test_fraction, block_size, seed, guard)
+            dropped = int((everything > 0).sum() - (maps["train"] > 0).sum() - (maps["test"] > 0).sum())
+            rank_zero_info(f"Block split (seed {seed}): the guard band of {guard} px removed {dropped} training "
+                           "pixels around the test blocks")
+        elif train_per_class is not None:  # official maps: subsample the training map, keep the official test set
+            maps["train"] = sample_per_class(maps["train"], train_per_class, seed, keep_test=False)
+            self._log_per_class(maps["train"], None, train_per_class, seed, guard)
+        if "val" not in maps and val_fraction > 0:
+            maps["train"], maps["val"] = block_split(maps["train"], val_fraction, block_size, seed + 1)
+        return maps
+
+    def _log_per_class(self, train: np.ndarray, removed: np.ndarray | None, per_class, seed: int, guard: int) -> None:
+        counts = np.bincount(train.ravel(), minlength=self.num_classes + 1)[1:]
+        summary = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, counts))
+        rank_zero_info(f"Per-class sampling (train_per_class {per_class}, seed {seed}): training pixels {summary}")
+        if removed is None:
+            return
+        self.guard_removed = np.bincount(removed.ravel(), minlength=self.num_classes + 1)[1:]
+        detail = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, self.guard_removed) if n)
+        rank_zero_info(f"Guard band of {guard} px around the training pixels removed {int(self.guard_removed.sum())} "
+                       f"test pixels{f' ({detail})' if detail else ''}")
+
     def _check_splits(self, maps, train_path, test_path, configured: bool) -> None:
         for split in ("train", "val", "test"):
-            if not (maps[split] > 0).any():
+            if split in maps and not (maps[split] > 0).any():
                 raise RasterError(f"{train_path if split != 'test' else test_path}: the {split} set is empty")
-        both = (maps["train"] > 0) & (maps["test"] > 0)
-        if both.any():
-            r, c = np.argwhere(both)[0]
-            raise RasterError(f"{train_path} and {test_path}: {int(both.sum())} pixels are labelled in both "
-                              f"train and test (first at row {r}, col {c})")
+        val_path = self.hparams.val_labels or train_path
+        for first, path in (("train", train_path), ("val", val_path)):  # selecting on test pixels is leakage too
+            both = (maps[first] > 0) & (maps["test"] > 0) if first in maps else None
+            if both is not None and both.any():
+                r, c = np.argwhere(both)[0]
+                raise RasterError(f"{path} and {test_path}: {int(both.sum())} pixels are labelled in both "
+                                  f"{first} and test (first at row {r}, col {c})")
         counts = np.bincount(maps["train"].ravel(), minlength=self.num_classes + 1)[1:]
         for k in np.flatnonzero(counts == 0):
             message = f"{train_path}: class {k + 1} ({self.class_names[k]}) has no training pixel"
             if configured:
                 raise RasterError(message)
             rank_zero_warn(message)
+
+    @property
+    def has_validation(self) -> bool:
+        """False with ``val_fraction: 0`` and no ``val_labels``: no validation loop, the last epoch is kept."""
+        return "val" in self.label_maps
 
     @property
     def in_channels(self) -> dict[str, int]:
@@ -235,14 +320,25 @@ class RasterDataModule(L.LightningDataModule):
         return self.label_maps["train"] > 0 if self.hparams.normalize_on == "train" else None
 
     def state_dict(self) -> dict:
-        """The fitted normalisation goes into checkpoints, so prediction normalises as training did."""
-        if self.normalizers is None:
-            return {}
-        # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
-        return {"normalizers": {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
-                                for name, n in self.normalizers.items()}}
+        """The fitted normalisation goes into checkpoints, so prediction normalises as training did; the
+        split's fingerprint too, so a checkpoint is never tested on another split of the same labels."""
+        state = {"split": {"seed": int(self.hparams.seed), "labels": self._labels_digest,
+                           "split": _digest(self.label_maps)}}
+        if self.normalizers is not None:
+            # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
+            state["normalizers"] = {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
+                                    for name, n in self.normalizers.items()}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        split = state_dict.get("split")
+        predicting = self.trainer is not None and self.trainer.predicting  # a map does not use the split
+        if split and not predicting and split["labels"] == self._labels_digest \
+                and split["split"] != _digest(self.label_maps):
+            raise InputError(f"{self.hparams.labels or self.hparams.train_labels}: the checkpoint was trained on "
+                             f"another split of these labels (split seed {split['seed']}, here {self.hparams.seed}): "
+                             f"its test pixels would not be the ones held out; pass --data.init_args.seed "
+                             f"{split['seed']} (or the run's --seed_everything)")
         if "normalizers" not in state_dict:
             return
         saved = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
@@ -261,12 +357,15 @@ class RasterDataModule(L.LightningDataModule):
         self.load()
         if stage in (None, "fit"):
             self.train_dataset = self._dataset("train")
-            self.val_dataset = self._dataset("val")
+            self.val_dataset = self._dataset("val") if self.has_validation else None
             self.leakage = pixels_inside_patches(self.label_maps["train"], self.label_maps["test"], self.patch_size)
             total = int((self.label_maps["test"] > 0).sum())
             rank_zero_info(f"Leakage check: {self.leakage} of {total} test pixels ({100 * self.leakage / total:.1f}%) "
                            f"lie inside a training patch of size {self.patch_size}")
-        if stage in (None, "validate"):
+        if stage == "validate" and not self.has_validation:
+            raise InputError(f"{self.hparams.train_labels or self.hparams.labels}: no validation set (val_fraction is 0 "
+                             "and no val_labels): nothing to validate")
+        if stage in (None, "validate") and self.has_validation:
             self.val_dataset = self._dataset("val")
         if stage in (None, "test"):
             self.test_dataset = self._dataset("test")
@@ -351,7 +450,9 @@ class RasterDataModule(L.LightningDataModule):
         extra = getattr(self.train_dataset, "extra", 0)
         return self.augmenter(batch, generator, extra, getattr(self.train_dataset, "size", 0))
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_validation:
+            return []  # Lightning skips the validation loop (val_fraction: 0 without val_labels)
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

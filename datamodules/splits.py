@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import maximum_filter
 
+from datamodules.io import InputError, RasterError
+
 
 def _blocks(shape: tuple[int, int], block_size: int) -> np.ndarray:
     """Block id of every pixel for a grid of ``block_size`` squares."""
@@ -86,3 +88,82 @@ def patch_coverage(train: np.ndarray, patch_size: int) -> np.ndarray:
 def pixels_inside_patches(train: np.ndarray, test: np.ndarray, patch_size: int) -> int:
     """How many labelled ``test`` pixels fall inside some training pixel's input patch."""
     return int((patch_coverage(train, patch_size) & (test > 0)).sum())
+
+
+def per_class_quota(counts: np.ndarray, per_class: int | float, keep_test: bool = True) -> np.ndarray:
+    """Training pixels to draw from classes with ``counts`` labelled pixels.
+
+    ``per_class >= 1``: N pixels, capped at half the class (min(N, floor(count / 2)), the BDGF spec's
+    rule, so every class keeps at least as many test pixels as training ones). ``0 < per_class < 1``:
+    that fraction of each class, rounded, at least 1 and at most all but one pixel. A class of one
+    pixel gets no training pixel. ``keep_test=False`` (drawing from a training map whose test set is
+    elsewhere): capped at the whole class instead.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    most = np.maximum(counts - 1, 0) if keep_test else counts
+    if per_class >= 1:
+        return np.minimum(int(per_class), counts // 2 if keep_test else counts)
+    return np.minimum(np.maximum(1, np.rint(per_class * counts).astype(np.int64)), most)
+
+
+def check_per_class(per_class: int | float) -> None:
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, float)) or not per_class > 0 or \
+            (per_class >= 1 and not float(per_class).is_integer()):
+        raise InputError(f"train_per_class must be a whole number N >= 1 (pixels per class) or a fraction in "
+                         f"(0, 1), got {per_class!r}")
+
+
+def sample_per_class(labels: np.ndarray, per_class: int | float, seed: int, keep_test: bool = True) -> np.ndarray:
+    """The training map of N labelled pixels per class (:func:`per_class_quota`) drawn uniformly at
+    random from ``labels`` with ``seed``; every other pixel of the returned map is 0."""
+    check_per_class(per_class)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[labels > 0], return_counts=True)
+    train = np.zeros_like(labels)
+    for cls, n in zip(classes, per_class_quota(counts, per_class, keep_test)):
+        take = rng.choice(np.flatnonzero(labels == cls), size=int(n), replace=False)
+        train.flat[take] = cls
+    return train
+
+
+def guard_band(train: np.ndarray, test: np.ndarray, guard: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove from ``test`` every pixel within ``guard`` pixels (Chebyshev distance: inside the square
+    window of side 2 * guard + 1) of a training pixel. With ``guard`` = half a patch no test pixel lies
+    inside a training pixel's patch. Returns (kept test map, map of the removed test labels)."""
+    if guard <= 0:
+        return test, np.zeros_like(test)
+    near = maximum_filter((train > 0).astype(np.uint8), size=2 * guard + 1) > 0
+    removed = near & (test > 0)
+    return np.where(removed, 0, test), np.where(removed, test, 0)
+
+
+def per_class_split(labels: np.ndarray, per_class: int | float, seed: int,
+                    guard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-class sampling protocol on one label map: N random training pixels per class, every
+    other labelled pixel for test except those within the guard band of a training pixel.
+
+    Returns (train, test, removed): label maps of the training pixels, the test pixels and the test
+    pixels the guard band removed.
+    """
+    train = sample_per_class(labels, per_class, seed)
+    test, removed = guard_band(train, np.where(train > 0, 0, labels), guard)
+    return train, test, removed
+
+
+def remap_labels(labels: np.ndarray, label_map: dict[int, int], path: str) -> np.ndarray:
+    """Apply ``label_map`` (old class value -> new value, 0 = unlabelled) to a label map whose 0 means
+    unlabelled. Every class value present must be a key of the map."""
+    mapping = {int(k): int(v) for k, v in label_map.items()}
+    if 0 in mapping:
+        raise InputError("label_map: key 0 is the unlabelled value and cannot be mapped; map classes 1..K")
+    if min(mapping.values()) < 0:
+        raise InputError(f"label_map: new values must be 0 (drop) or classes 1..K, got {sorted(set(mapping.values()))}")
+    present = np.unique(labels[labels > 0])
+    missing = [int(v) for v in present if int(v) not in mapping]
+    if missing:
+        raise RasterError(f"{path}: label values {missing} are not in label_map (keys {sorted(mapping)}); "
+                         "map every class (0 = drop it)")
+    lookup = np.zeros(int(max(present.max(initial=0), max(mapping))) + 1, dtype=np.int64)
+    for old, new in mapping.items():
+        lookup[old] = new
+    return lookup[labels].astype(labels.dtype)

@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,9 +36,11 @@ class RSFusionCLI(LightningCLI):
         parser.add_class_arguments(WandbOptions, "wandb")
 
     def before_instantiate_classes(self) -> None:
-        """Plain DDP fails on a model with parameters that get no gradient: switch it to the variant
-        that finds them (``ddp_find_unused_parameters_true``)."""
+        """The data split seed follows ``seed_everything`` unless ``data.init_args.seed`` is set. Plain DDP
+        fails on a model with parameters that get no gradient: switch it to the variant that finds them
+        (``ddp_find_unused_parameters_true``)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        follow_run_seed(config)
         model_class = _import_class(config["model"]["class_path"])
         if config["trainer"].get("strategy") == "ddp" and getattr(model_class, "has_unused_parameters", False):
             config["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
@@ -61,6 +63,8 @@ class RSFusionCLI(LightningCLI):
             trainer.callbacks.append(LearningRateMonitor())
         if not any(isinstance(cb, TestReport) for cb in trainer.callbacks):
             trainer.callbacks.append(TestReport())
+        if not getattr(self.datamodule, "has_validation", True):
+            keep_last_epoch(trainer)
         return trainer
 
     def before_predict(self) -> None:
@@ -70,12 +74,55 @@ class RSFusionCLI(LightningCLI):
         config = self.config[self.subcommand]
         if self.trainer.fast_dev_run or self.trainer.interrupted:
             return
-        ckpt = "best" if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path else None
+        ckpt = evaluation_checkpoint(self.trainer)
         if config.get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if config.get("map_after_fit"):
             ensure_map_writer(self.trainer)
             self.trainer.predict(self.model, datamodule=self.datamodule, ckpt_path=ckpt, return_predictions=False)
+
+
+def follow_run_seed(config) -> None:
+    """``data.init_args.seed: null`` (the default) -> the run's ``seed_everything``, so a run with another
+    seed also draws other random splits (``rsfusion-compare --seeds``); an explicit data seed is kept."""
+    seed, data = config.get("seed_everything"), config.get("data")
+    init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+    if isinstance(seed, int) and not isinstance(seed, bool) and init is not None and "seed" in init \
+            and init["seed"] is None:
+        init["seed"] = seed
+
+
+def keep_last_epoch(trainer) -> None:
+    """Without a validation set no ``val/*`` metric exists: a ``ModelCheckpoint(monitor="val/OA")`` would
+    warn and save nothing (Lightning 2.6), an ``EarlyStopping`` on it would never stop. Drop them; the
+    run keeps its last epoch (a ``last`` checkpoint is added in the same folder if none is left)."""
+    trainer.limit_val_batches = 0  # no validation loop at all (not an empty one, which Lightning warns about)
+    dropped = [cb for cb in trainer.callbacks if str(getattr(cb, "monitor", None) or "").startswith("val/")]
+    if not dropped:
+        return
+    for callback in dropped:
+        trainer.callbacks.remove(callback)
+    if not trainer.checkpoint_callbacks and any(isinstance(cb, ModelCheckpoint) for cb in dropped):
+        dirpath = next(cb.dirpath for cb in dropped if isinstance(cb, ModelCheckpoint))
+        trainer.callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", enable_version_counter=False))
+    names = ", ".join(f"{type(cb).__name__}(monitor={cb.monitor!r})" for cb in dropped)
+    rank_zero_info(f"No validation set (val_fraction 0, no val_labels): {names} removed; the run keeps its last epoch")
+
+
+def evaluation_checkpoint(trainer) -> str | None:
+    """The checkpoint the after-fit test and map use: ``"best"`` when the first checkpoint callback
+    selected one on its metric, else the most recent checkpoint (the last epoch), else None (the
+    in-memory weights)."""
+    first = trainer.checkpoint_callback
+    if first is not None and first.monitor is not None and first.best_model_path:
+        rank_zero_info(f"Evaluating the best checkpoint ({first.monitor}): {first.best_model_path}")
+        return "best"
+    for callback in trainer.checkpoint_callbacks:
+        path = callback.last_model_path or (callback.best_model_path if callback.monitor is None else "")
+        if path:
+            rank_zero_info(f"Evaluating the last checkpoint: {path}")
+            return path
+    return None
 
 
 def _import_class(path: str) -> type:

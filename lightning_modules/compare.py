@@ -6,7 +6,10 @@
 Each ``config`` (optionally ``label=config``) is trained once per seed exactly as ``rsfusion fit``
 would (same CLI, same callbacks), with its run directory moved to ``<output>/<label>/seed<k>``; the
 best checkpoint is tested and the full scene predicted. Arguments after ``--`` are CLI overrides
-applied to every run. Writes to ``<output>``:
+applied to every run. A seed is the run's ``seed_everything`` (weights, batch order, dropout) and, unless
+a config sets ``data.init_args.seed``, the seed of its random data splits too (validation blocks, a
+single map's test blocks, ``train_per_class`` samples): each seed is a new draw of the split, which
+``runs.csv`` records as ``data_seed``. Writes to ``<output>``:
 
 - ``comparison.md`` / ``comparison.csv``: per config OA, AA, kappa and per-class accuracy (percent,
   mean +- sample std over seeds), parameter counts, fit and full-scene prediction wall time;
@@ -41,6 +44,7 @@ class RunResult:
     predict_seconds: float
     map_path: Path | None
     run_dir: Path
+    data_seed: int | None = None  # the seed of the run's data splits (follows ``seed`` unless configured)
     class_names: list[str] = field(default_factory=list)
     palette: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -78,7 +82,7 @@ def run_config(config: dict, run_dir: Path, seed: int) -> Path:
 
 def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, overrides: list[str]) -> RunResult:
     """One ``fit`` + test of the best checkpoint + timed full-scene prediction, in this process."""
-    from lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from lightning_modules.cli import RSFusionCLI, cli_kwargs, evaluation_checkpoint
     from lightning_modules.maps import ensure_map_writer
 
     run_dir = output / label / f"seed{seed}"
@@ -91,8 +95,7 @@ def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, o
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    checkpoint = trainer.checkpoint_callback
-    ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
+    ckpt = evaluation_checkpoint(trainer)
     (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     writer = ensure_map_writer(trainer)
     start = time.perf_counter()
@@ -104,7 +107,8 @@ def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, o
                      params=sum(p.numel() for p in model.parameters()),
                      trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                      metrics=metrics, fit_seconds=fit_seconds, predict_seconds=predict_seconds,
-                     map_path=writer.paths.get("tif"), run_dir=run_dir, class_names=list(datamodule.class_names),
+                     map_path=writer.paths.get("tif"), run_dir=run_dir,
+                     data_seed=getattr(datamodule, "hparams", {}).get("seed"), class_names=list(datamodule.class_names),
                      palette=[tuple(c) for c in datamodule.palette])
 
 
@@ -200,13 +204,13 @@ def write_outputs(output: Path, results: list[RunResult]) -> dict[str, Path]:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    run_columns = ["config", "seed", "model", "params", *METRICS, *(f"acc_{c}" for c in names),
+    run_columns = ["config", "seed", "data_seed", "model", "params", *METRICS, *(f"acc_{c}" for c in names),
                    "fit_seconds", "predict_seconds", "run_dir"]
     with paths["runs"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(run_columns)
         for r in results:
-            writer.writerow([r.label, r.seed, r.model, r.params, *(100 * r.metrics[m] for m in METRICS),
+            writer.writerow([r.label, r.seed, r.data_seed, r.model, r.params, *(100 * r.metrics[m] for m in METRICS),
                              *(100 * r.metrics[f"acc_{c}"] for c in names), r.fit_seconds, r.predict_seconds,
                              r.run_dir])
     paths["md"].write_text(markdown_table(rows, names))

@@ -79,6 +79,7 @@ def test_compare_two_configs_over_two_seeds(tmp_path):
     # different seeds train different models (otherwise the std would be meaningless)
     runs = list(csv.DictReader((out_dir / "runs.csv").open()))
     assert len(runs) == 4 and runs[0]["OA"] != runs[1]["OA"]
+    assert [r["data_seed"] for r in runs] == [r["seed"] for r in runs] == ["0", "1", "0", "1"]  # splits follow
 
     markdown = (out_dir / "comparison.md").read_text().splitlines()
     assert markdown[0].startswith("| config | model | params | OA (%) | AA (%) | kappa (x100) | Trees |")
