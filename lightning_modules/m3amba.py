@@ -17,6 +17,7 @@ class M3amba(FusionClassifier):
     training recipe is not public, so every training default here is rsfusion's own [D]: AdamW
     lr 1e-4, weight decay 0.05 (none on A_logs, Ds and norms), cosine schedule, loss = 1.0 x mean
     CE of the three heads + 0.1 x cosine consistency of each modality's output with the fused one.
+    ``class_weights`` and ``label_smoothing`` (FusionClassifier options) apply to all three CEs.
     Prediction uses the fused head, as the authors do.
 
     Args:
@@ -82,7 +83,8 @@ class M3amba(FusionClassifier):
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         terms = m3amba_loss(self.heads(batch), batch["label"], ce_weights=tuple(hp.ce_weights),
-                            supervised_weight=hp.supervised_weight, consistency_weight=hp.consistency_weight)
+                            supervised_weight=hp.supervised_weight, consistency_weight=hp.consistency_weight,
+                            class_weights=self.class_weights, label_smoothing=hp.label_smoothing)
         return terms.pop("loss"), terms
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
