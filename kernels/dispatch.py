@@ -10,6 +10,13 @@ Backends (spec §6):
 ``backend="auto"`` honours the ``RSFUSION_SCAN_BACKEND`` environment variable if it is set, otherwise
 picks cuda, else triton on a GPU, else torch. An explicit ``backend=`` argument wins over the
 environment variable. The first use of each backend is logged once (logger ``"kernels"``).
+
+Before ``auto`` first picks Triton for a (device, dtype), it runs a self-check: the Triton kernels
+against the torch backend on a small input, values and gradients of all inputs. A kernel that does
+not compile, raises, or gives wrong or non-finite numbers (a GPU or Triton version never tested)
+logs one warning with the reason and ``auto`` uses the torch backend for that (device, dtype) from
+then on. An explicit ``backend="triton"`` (argument or environment variable) is never checked: its
+errors propagate.
 """
 import functools
 import importlib
@@ -29,6 +36,11 @@ logger = logging.getLogger("kernels")
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "RSFUSION_SCAN_BACKEND"
 _logged_backends = set()
+# (device, dtype) -> None if the Triton kernels passed their self-check there, else the reason
+_triton_health = {}
+# Tolerances of the self-check per input dtype (mamba's test, spec §1.6): outputs; gradients get rtol x5, atol x10.
+_SELF_CHECK_TOL = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+_SELF_CHECK_TOL_FP32 = (6e-4, 2e-3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +90,83 @@ def available_backends(device=None):
     return names
 
 
-def resolve_backend(backend, device):
-    """The concrete backend for ``backend`` in BACKENDS and tensors on ``device``; raises if unusable."""
+def _triton_preferred(device):
+    """Whether ``auto`` considers Triton: CUDA tensors only (in the interpreter it is far slower than torch)."""
+    return device.type == "cuda"
+
+
+def _self_check_inputs(device, dtype):
+    """A small grouped scan with every optional input (mamba's test distributions), as leaves needing grad."""
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, length, nstate, groups = 2, 4, 11, 3, 2
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    inputs = {"u": randn(batch, dim, length).to(dtype), "delta": (0.5 * rand(batch, dim, length)).to(dtype),
+              "A": -0.5 * rand(dim, nstate), "B": randn(batch, groups, nstate, length).to(dtype),
+              "C": randn(batch, groups, nstate, length).to(dtype), "D": randn(dim),
+              "z": randn(batch, dim, length).to(dtype), "delta_bias": 0.5 * rand(dim)}
+    grad_out = randn(batch, dim, length).to(dtype)
+    return {k: v.to(device).requires_grad_() for k, v in inputs.items()}, grad_out.to(device)
+
+
+def _run_for_check(scan, inputs, grad_out):
+    out = scan(**inputs, delta_softplus=True, return_last_state=False)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    return out.detach(), dict(zip(inputs, grads))
+
+
+def _triton_self_check(device, dtype):
+    """None if the Triton kernels match the torch backend on ``device`` in ``dtype``, else the reason."""
+    rtol, atol = _SELF_CHECK_TOL.get(dtype, _SELF_CHECK_TOL_FP32)
+    try:
+        # The first call may come from validation or prediction (inference mode, no grad, autocast).
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            inputs, grad_out = _self_check_inputs(device, dtype)
+            out, grads = _run_for_check(_triton_scan(), inputs, grad_out)
+            ref_out, ref_grads = _run_for_check(_torch_backend, inputs, grad_out)
+    except Exception as err:  # noqa: BLE001 - any failure of an untested GPU/compiler means: do not use it
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        return f"{type(err).__name__}: {first_line}"
+    compared = [("output", out, ref_out, rtol, atol)]
+    compared += [(f"gradient of {k}", grads[k], ref_grads[k], 5 * rtol, 10 * atol) for k in grads]
+    for what, got, want, rt, at in compared:
+        if got is None or got.shape != want.shape:
+            return f"{what}: shape {None if got is None else tuple(got.shape)}, expected {tuple(want.shape)}"
+        got, want = got.double(), want.double()
+        if not torch.isfinite(got).all():
+            return f"{what} is not finite ({int((~torch.isfinite(got)).sum())} of {got.numel()} values)"
+        excess = (got - want).abs() - (at + rt * want.abs())
+        if (excess > 0).any():
+            worst = int(excess.argmax())
+            return (f"{what} differs from the torch backend by {float((got - want).abs().flatten()[worst]):.3g} "
+                    f"(tolerance {at:g} + {rt:g} x |value|)")
+    return None
+
+
+def _triton_passes_self_check(device, dtype):
+    key = (str(device), dtype)
+    if key not in _triton_health:
+        reason = _triton_self_check(device, dtype)
+        _triton_health[key] = reason
+        if reason is None:
+            logger.info("selective_scan: the Triton kernels passed their self-check on %s (%s)", device, dtype)
+        else:
+            logger.warning("selective_scan: the Triton kernels failed their self-check on %s (%s): %s; using the "
+                           "torch backend instead (RSFUSION_SCAN_BACKEND=triton forces Triton and shows the error)",
+                           device, str(dtype).replace("torch.", ""), reason)
+    return _triton_health[key] is None
+
+
+def resolve_backend(backend, device, dtype=torch.float32):
+    """The concrete backend for ``backend`` in BACKENDS and tensors on ``device``; raises if unusable.
+
+    ``dtype`` (the input's) matters only when ``auto`` considers Triton: its self-check runs in it.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -90,7 +177,7 @@ def resolve_backend(backend, device):
     if backend == "auto":
         if device.type == "cuda" and _mamba_selective_scan_fn() is not None:
             backend = "cuda"
-        elif device.type == "cuda" and _triton_scan() is not None:
+        elif _triton_preferred(device) and _triton_scan() is not None and _triton_passes_self_check(device, dtype):
             backend = "triton"
         else:
             backend = "torch"
@@ -196,7 +283,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         Unlike mamba-ssm's CUDA op, delta/B/C/z need not share u's dtype. Complex A is unsupported.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    chosen = resolve_backend(backend, u.device)
+    chosen = resolve_backend(backend, u.device, u.dtype)
     B, C = _common_groups(B, C)
     if chosen == "cuda":
         cast = [t if t is None else t.to(u.dtype) for t in (delta, B, C, z)]

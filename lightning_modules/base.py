@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
@@ -31,6 +32,22 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         "AA": MulticlassAccuracy(num_classes, average="macro", ignore_index=IGNORE_INDEX),
         "kappa": MulticlassCohenKappa(num_classes, ignore_index=IGNORE_INDEX),
     })
+
+
+_warned = set()
+
+
+def _restore_cuda_rng(cuda_states: list[torch.Tensor] | None) -> None:
+    """Restore the per-GPU RNG states of a checkpoint; warn once when the GPUs differ."""
+    if not cuda_states:
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == len(cuda_states):
+        torch.cuda.set_rng_state_all(cuda_states)
+    elif "cuda_rng" not in _warned:
+        _warned.add("cuda_rng")
+        rank_zero_warn(f"the checkpoint holds the RNG states of {len(cuda_states)} GPU(s), this process sees {count}: "
+                       "the GPU random stream (dropout, noise drawn on the GPU) restarts instead of continuing")
 
 
 class FusionClassifier(L.LightningModule):
@@ -136,6 +153,9 @@ class FusionClassifier(L.LightningModule):
                                     # plain types only, so checkpoints load with weights_only=True
                                     "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
                                               int(has_gauss), float(gauss))}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # one uint8 tensor per visible GPU: dropout masks drawn on the GPU continue on resume
+            checkpoint["rng_states"]["cuda"] = [state.cpu() for state in torch.cuda.get_rng_state_all()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights are loaded: a data/checkpoint band mismatch is one clear line,
@@ -151,6 +171,7 @@ class FusionClassifier(L.LightningModule):
             kind, keys, pos, has_gauss, gauss = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(states["python"])
+            _restore_cuda_rng(states.get("cuda"))
 
     def on_fit_start(self) -> None:
         leakage = getattr(getattr(self.trainer, "datamodule", None), "leakage", None)

@@ -9,6 +9,8 @@ from datamodules.io import InputError
 from lightning_modules.base import Batch, FusionClassifier
 from lightning_modules.networks.m3amba import M3ambaNet, m3amba_loss, m3amba_param_groups
 
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
 
 class M3amba(FusionClassifier):
     """M3amba (CLIP-driven Mamba, arXiv 2503.06446) on ``tile`` sampling.
@@ -17,6 +19,7 @@ class M3amba(FusionClassifier):
     training recipe is not public, so every training default here is rsfusion's own [D]: AdamW
     lr 1e-4, weight decay 0.05 (none on A_logs, Ds and norms), cosine schedule, loss = 1.0 x mean
     CE of the three heads + 0.1 x cosine consistency of each modality's output with the fused one.
+    ``class_weights`` and ``label_smoothing`` (FusionClassifier options) apply to all three CEs.
     Prediction uses the fused head, as the authors do.
 
     Args:
@@ -28,6 +31,7 @@ class M3amba(FusionClassifier):
         clip_model: local directory or cached Hugging Face name of the CLIP image tower.
         clip_config: keyword arguments of a ``transformers.CLIPVisionConfig`` to build a randomly
             initialised tower instead (tests, CPU demos); ``projection_dim`` is the embedding size.
+            A ``clip_model`` other than the default together with ``clip_config`` is refused.
         exchange, avg_A, shared_stream_weights, clip_normalize, linear_embed_trainable: the spec's
             switches (authors: "B", True, True, False; trainable embeddings are ours).
         compute_guidance_output: False [ours, default] skips the guidance stream's discarded output
@@ -41,7 +45,7 @@ class M3amba(FusionClassifier):
 
     def __init__(self, hsi: str | None = None, aux: str | None = None, patch_size: int = 32, dims: int = 384,
                  depth: int = 9, d_state: int = 16, ssm_ratio: float = 2.0, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.1, clip_model: str = "openai/clip-vit-base-patch32",
+                 drop_path_rate: float = 0.1, clip_model: str = DEFAULT_CLIP,
                  clip_config: dict | None = None, exchange: Literal["B", "C", "none"] = "B", avg_A: bool = True,
                  compute_guidance_output: bool = False, shared_stream_weights: bool = True,
                  clip_normalize: bool = False, linear_embed_trainable: bool = True,
@@ -58,6 +62,9 @@ class M3amba(FusionClassifier):
         if missing:
             raise InputError(f"M3amba: modalities {missing} not in the data's {names}")
         config = None
+        if clip_config is not None and clip_model != DEFAULT_CLIP:
+            raise InputError(f"M3amba: give model.init_args.clip_model ({clip_model!r}) or clip_config, not both "
+                             "(clip_config builds a random tower and would ignore clip_model)")
         if clip_config is not None:
             from transformers import CLIPVisionConfig
 
@@ -82,7 +89,8 @@ class M3amba(FusionClassifier):
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         terms = m3amba_loss(self.heads(batch), batch["label"], ce_weights=tuple(hp.ce_weights),
-                            supervised_weight=hp.supervised_weight, consistency_weight=hp.consistency_weight)
+                            supervised_weight=hp.supervised_weight, consistency_weight=hp.consistency_weight,
+                            class_weights=self.class_weights, label_smoothing=hp.label_smoothing)
         return terms.pop("loss"), terms
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

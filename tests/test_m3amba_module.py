@@ -73,3 +73,50 @@ def test_fit_smoke_run_through_the_console_script(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/OA" in out.stdout
     assert next((tmp_path / "runs").glob("version_0/predictions/classification_map.tif")).stat().st_size > 0
+
+
+def _labelled_batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    label[:, :3] = -1  # unlabelled tile pixels (IGNORE_INDEX)
+    return {"hsi": torch.randn(2, 5, 8, 8, generator=gen), "dsm": torch.randn(2, 1, 8, 8, generator=gen),
+            "label": label}
+
+
+@pytest.mark.parametrize("options", [dict(class_weights=[0.2, 1.0, 3.0]), dict(label_smoothing=0.3),
+                                     dict(class_weights=[2.0, 0.5, 1.0], label_smoothing=0.1)])
+def test_training_loss_honours_class_weights_and_label_smoothing_on_every_head(options):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    plain = _model(ce_weights=(0.2, 0.3, 0.5), consistency_weight=0.25)
+    torch.manual_seed(0)
+    model = _model(ce_weights=(0.2, 0.3, 0.5), consistency_weight=0.25, **options)
+    batch = _labelled_batch()
+    heads = model.heads(batch)
+    weight = torch.tensor(options["class_weights"]) if "class_weights" in options else None
+    ces = [F.cross_entropy(h, batch["label"], weight=weight, ignore_index=-1,
+                           label_smoothing=options.get("label_smoothing", 0.0)) for h in heads]
+    consistency = sum(1 - F.cosine_similarity(h, heads[2], dim=1).mean() for h in heads[:2])
+    expected = 0.2 * ces[0] + 0.3 * ces[1] + 0.5 * ces[2] + 0.25 * consistency
+    loss, terms = model.training_loss(batch)
+    torch.testing.assert_close(loss, expected)
+    for name, ce in zip(("ce_hsi", "ce_aux", "ce_fused"), ces):
+        torch.testing.assert_close(terms[name], ce)
+    unweighted = plain.training_loss(batch)[0]
+    assert torch.equal(plain.heads(batch)[2], heads[2])  # same weights: only the loss options differ
+    assert abs(float((loss - unweighted).detach())) > 1e-3
+    # val/loss (FusionClassifier.cross_entropy on the fused head) uses the same options
+    torch.testing.assert_close(model.cross_entropy(heads[2], batch["label"]), ces[2])
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_guidance_dt_projs_and_ds_get_no_gradient_in_either_mode(faithful):
+    torch.manual_seed(0)
+    model = _model(compute_guidance_output=faithful, depth=2)
+    model.training_loss(_labelled_batch())[0].backward()
+    no_grad = {n for n, p in model.net.named_parameters() if p.requires_grad and p.grad is None}
+    expected = {f"layers_{s}.{i}.op.ssm_guide.{p}" for s in ("hsi", "aux") for i in range(2)
+                for p in ("Ds", "dt_projs_weight", "dt_projs_bias")}
+    assert no_grad == expected
+    assert model.has_unused_parameters

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import tiny_config
@@ -52,3 +53,68 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     best_a = a["callbacks"][next(k for k in a["callbacks"] if "val/OA" in k)]["best_model_score"]
     best_b = b["callbacks"][next(k for k in b["callbacks"] if "val/OA" in k)]["best_model_score"]
     assert torch.equal(best_a, best_b)
+
+
+class _FakeGPUs:
+    """torch.cuda as seen on a machine with ``count`` initialised GPUs (no GPU here): one RNG state each."""
+
+    def __init__(self, monkeypatch, count, offset=0):
+        self.states = [torch.arange(16, dtype=torch.uint8) + offset + 16 * i for i in range(count)]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.set_states)
+
+    def set_states(self, states):
+        self.states = [s.clone() for s in states]
+
+    def holds(self, states):
+        return len(states) == len(self.states) and all(torch.equal(a, b) for a, b in zip(states, self.states))
+
+
+def _tiny_fit(tmp_path, ckpt_path=None, max_steps=1):
+    import lightning as L
+
+    from datamodules import SyntheticDataModule
+    from lightning_modules import TwoBranchCNN
+
+    L.seed_everything(0)
+    dm = SyntheticDataModule(root=str(tmp_path / "scene"), scene_height=24, scene_width=24, train_per_class=4,
+                             patch_size=5, batch_size=8)
+    model = TwoBranchCNN(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, width=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_checkpoints_store_and_restore_the_cuda_rng_states(tmp_path, monkeypatch):
+    trainer = _tiny_fit(tmp_path)
+    gpus = _FakeGPUs(monkeypatch, count=2)
+    trainer.save_checkpoint(tmp_path / "gpu.ckpt")
+    saved = torch.load(tmp_path / "gpu.ckpt", weights_only=True)["rng_states"]["cuda"]
+    assert gpus.holds(saved) and all(s.dtype == torch.uint8 for s in saved)
+    later = _FakeGPUs(monkeypatch, count=2, offset=100)  # the resuming process: other GPU streams
+    assert not later.holds(saved)
+    _tiny_fit(tmp_path, ckpt_path=tmp_path / "gpu.ckpt", max_steps=2)
+    assert later.holds(saved)
+
+
+def test_cuda_rng_states_for_other_gpus_warn_once_and_cpu_checkpoints_still_load(tmp_path, monkeypatch):
+    from lightning_modules import base
+
+    monkeypatch.setattr(base, "_warned", set())
+    _tiny_fit(tmp_path).save_checkpoint(tmp_path / "cpu.ckpt")  # this machine: no CUDA
+    assert "cuda" not in torch.load(tmp_path / "cpu.ckpt", weights_only=True)["rng_states"]
+    gpus = _FakeGPUs(monkeypatch, count=2)
+    before = [s.clone() for s in gpus.states]
+    trainer = _tiny_fit(tmp_path, ckpt_path=tmp_path / "cpu.ckpt", max_steps=2)  # a CPU checkpoint on "GPUs"
+    assert gpus.holds(before) and trainer.global_step == 2
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    one = _FakeGPUs(monkeypatch, count=1, offset=100)  # resumed where only one GPU is visible
+    with pytest.warns(UserWarning, match=r"RNG states of 2 GPU\(s\), this process sees 1") as record:
+        _tiny_fit(tmp_path, ckpt_path=tmp_path / "two.ckpt", max_steps=3)
+        _tiny_fit(tmp_path, ckpt_path=tmp_path / "two.ckpt", max_steps=3)
+    assert sum("RNG states of" in str(w.message) for w in record) == 1
+    assert one.states[0][0] == 100  # not overwritten by a mismatched state list

@@ -374,7 +374,7 @@ def test_cuda_backend_forwards_mamba_arguments(monkeypatch):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
     monkeypatch.setattr("kernels.dispatch._mamba_selective_scan_fn", lambda: fake_selective_scan_fn)
-    monkeypatch.setattr("kernels.dispatch.resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setattr("kernels.dispatch.resolve_backend", lambda backend, device, dtype=None: "cuda")
     inputs = make_inputs(2, 4, 6, 3, groups=None, extras=True, dtype=torch.float16)
     inputs["delta"] = inputs["delta"].float()  # mamba's op needs delta in u's dtype: cast for it
     out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="cuda")

@@ -8,6 +8,7 @@ pytest process are left untouched.
 """
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import subprocess
@@ -35,7 +36,7 @@ INTERPRET = not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRET else "cuda"
 RUN_HERE = not INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
 runs_here = pytest.mark.skipif(not RUN_HERE, reason="run by test_triton_tests_in_interpreter_subprocess")
-N_TESTS_HERE = 8  # tests below marked runs_here (the subprocess must pass all of them)
+N_TESTS_HERE = 16  # tests that run in the subprocess: those marked runs_here and the unmarked ones
 
 
 @pytest.mark.skipif(RUN_HERE, reason="the Triton tests run directly in this process")
@@ -134,3 +135,130 @@ def test_launch_config_keeps_channel_blocks_inside_groups(scan_triton):
         got_d, block_n, num_warps = scan_triton._launch_config(dim, groups, nstate)
         assert (got_d, block_n) == (block_d, max(1, 1 << (nstate - 1).bit_length())), (dim, groups, nstate)
         assert num_warps >= 1
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_self_check_passes_so_auto_keeps_triton(dtype, scan_triton, monkeypatch, caplog):
+    """The self-check on the real kernels (here in the interpreter, on a GPU compiled): Triton is kept."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_triton_health", {})
+    monkeypatch.setattr(dispatch, "_triton_preferred", lambda device: True)  # as auto on a GPU
+    inputs = helpers.make_inputs(1, 4, 7, 2, groups=2, extras=True, dtype=dtype)
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        assert dispatch._triton_self_check(torch.device(DEVICE), dtype) is None
+        out = selective_scan(**_on_device(inputs), delta_softplus=True)
+    assert dispatch._triton_health == {(str(torch.device(DEVICE)), dtype): None}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("passed their self-check" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, triton_scan(**_on_device(inputs), delta_softplus=True), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- the self-check with a broken Triton path
+def _scan_inputs(dtype=torch.float32):
+    inputs = helpers.make_inputs(2, 4, 9, 3, groups=2, extras=True, dtype=dtype)
+    return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+def _raising_kernel(*args, **kwargs):
+    raise RuntimeError("PTX assembly failed: unsupported GPU architecture sm_999\n(long compiler log)")
+
+
+def _wrong_output(*args, **kwargs):
+    return dispatch._torch_backend(*args, **kwargs) + 0.1
+
+
+def _wrong_gradient(*args, **kwargs):
+    out = dispatch._torch_backend(*args, **kwargs)
+    return out + 0.5 * (out - out.detach())  # same values, gradients x 1.5
+
+
+def _nan_output(*args, **kwargs):
+    return dispatch._torch_backend(*args, **kwargs) * float("nan")
+
+
+@pytest.fixture
+def broken_triton(monkeypatch):
+    """Install a Triton launcher (counting its calls) that auto would use for these tensors."""
+    calls = []
+
+    def install(kernel):
+        def launcher(*args, **kwargs):
+            calls.append(1)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+        monkeypatch.setattr(dispatch, "_triton_health", {})
+        monkeypatch.setattr(dispatch, "_triton_scan", lambda: launcher)
+        monkeypatch.setattr(dispatch, "_triton_preferred", lambda device: True)  # as auto on a GPU
+        monkeypatch.setattr(dispatch, "_triton_runs_on", lambda device: True)
+        return calls
+
+    return install
+
+
+def _self_check_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "kernels" and r.levelno == logging.WARNING]
+
+
+def test_auto_falls_back_to_torch_once_when_the_triton_kernel_raises(broken_triton, caplog, monkeypatch):
+    calls = broken_triton(_raising_kernel)
+    inputs = _scan_inputs()
+    expected = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        outs = [selective_scan(**inputs, delta_softplus=True) for _ in range(3)]
+        assert resolve_backend("auto", torch.device(DEVICE), torch.float32) == "torch"
+    assert all(torch.equal(out, expected) for out in outs)
+    (warning,) = _self_check_warnings(caplog)
+    assert warning == (f"selective_scan: the Triton kernels failed their self-check on {torch.device(DEVICE)} "
+                       "(float32): RuntimeError: PTX assembly failed: unsupported GPU architecture sm_999; using the "
+                       "torch backend instead (RSFUSION_SCAN_BACKEND=triton forces Triton and shows the error)")
+    assert len(calls) == 1  # checked once, then never called again
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        selective_scan(**inputs, delta_softplus=True, backend="triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # forcing Triton through the environment is explicit too
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        selective_scan(**inputs, delta_softplus=True)
+
+
+@pytest.mark.parametrize("kernel, reason", [
+    (_wrong_output, r"output differs from the torch backend by 0\.1 \(tolerance 0\.002 \+ 0\.0006 x \|value\|\)"),
+    (_wrong_gradient, r"gradient of u differs from the torch backend by [0-9.e-]+ \(tolerance 0\.02 \+ 0\.003 x"),
+    (_nan_output, r"output is not finite \(88 of 88 values\)"),
+])
+def test_auto_falls_back_to_torch_when_the_triton_kernel_is_wrong(broken_triton, caplog, kernel, reason):
+    calls = broken_triton(kernel)
+    inputs = _scan_inputs()
+    expected = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        first = selective_scan(**inputs, delta_softplus=True)
+        second = selective_scan(**inputs, delta_softplus=True)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    (warning,) = _self_check_warnings(caplog)
+    assert re.search(r"failed their self-check on \S+ \(float32\): " + reason, warning), warning
+    assert len(calls) == 1
+    # explicit triton is not second-guessed: the kernel runs and the user gets its own numbers
+    explicit = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    assert len(calls) == 2 and (kernel is _wrong_gradient or not torch.equal(explicit, expected))
+
+
+def test_self_check_is_cached_per_device_and_dtype(broken_triton, caplog):
+    calls = broken_triton(_wrong_output)
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        for dtype in (torch.float32, torch.float64, torch.float32, torch.float64):
+            out = selective_scan(**_scan_inputs(dtype), delta_softplus=True)
+            assert out.dtype == dtype
+    assert len(calls) == 2 and len(_self_check_warnings(caplog)) == 2
+    assert set(dispatch._triton_health) == {(str(torch.device(DEVICE)), torch.float32),
+                                            (str(torch.device(DEVICE)), torch.float64)}
+
+
+def test_self_check_runs_under_inference_mode(broken_triton):
+    """The first scan of a run may be in validation or prediction (inference mode): the check still works."""
+    calls = broken_triton(_wrong_gradient)
+    inputs = {k: v.detach() for k, v in _scan_inputs().items()}
+    with torch.inference_mode():
+        out = selective_scan(**inputs, delta_softplus=True)
+    assert len(calls) == 1 and dispatch._triton_health[(str(torch.device(DEVICE)), torch.float32)].startswith(
+        "gradient of u differs")
+    torch.testing.assert_close(out, selective_scan(**inputs, delta_softplus=True, backend="torch"), rtol=0, atol=0)

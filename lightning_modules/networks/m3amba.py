@@ -350,7 +350,8 @@ class M3ambaNet(nn.Module):
 
 
 def m3amba_loss(outputs, target, mask=None, ignore_index=-1, ce_weights=(1 / 3, 1 / 3, 1 / 3),
-                supervised_weight=1.0, consistency_weight=0.1, detach_fused=False):
+                supervised_weight=1.0, consistency_weight=0.1, detach_fused=False, class_weights=None,
+                label_smoothing=0.0):
     """Masked CE on the three heads plus cosine consistency (figure: L = l1 L_sup + l2 L_unsup).
 
     The form follows the paper's figure; the weights are ours (the paper's are unknown):
@@ -366,6 +367,8 @@ def m3amba_loss(outputs, target, mask=None, ignore_index=-1, ce_weights=(1 / 3, 
         ignore_index: unlabelled value of ``target`` when no mask is given (-1).
         supervised_weight, consistency_weight: l1, l2 [ours: 1.0, 0.1].
         detach_fused: stop the consistency gradient into the fused head [ours: False].
+        class_weights, label_smoothing: ``F.cross_entropy``'s ``weight`` (K,) and ``label_smoothing``,
+            applied to each head's CE (weighted mean over the labelled pixels).
 
     Returns a dict of scalar tensors: loss, ce_hsi, ce_aux, ce_fused, consistency.
     """
@@ -379,7 +382,8 @@ def m3amba_loss(outputs, target, mask=None, ignore_index=-1, ce_weights=(1 / 3, 
     ces = []
     for logits in outputs:
         pixels = logits.float().permute(0, 2, 3, 1)[labelled]  # (P, K)
-        ces.append(F.cross_entropy(pixels, labels) if labels.numel() else pixels.sum() * 0.0)
+        ces.append(F.cross_entropy(pixels, labels, weight=class_weights, label_smoothing=label_smoothing)
+                   if labels.numel() else pixels.sum() * 0.0)
     fused = outputs[2].float().detach() if detach_fused else outputs[2].float()
     consistency = sum(1.0 - F.cosine_similarity(o.float(), fused, dim=1).mean() for o in outputs[:2])
     supervised = sum(w * ce for w, ce in zip(ce_weights, ces))
