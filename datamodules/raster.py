@@ -11,10 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from datamodules.io import InputError, RasterError, read_header, read_labels
+from datamodules.io import InputError, RasterError, is_gdal_raster, read_header
+from datamodules.label_sources import ClassMap, read_split_labels
 from datamodules.sampling import (IGNORE_INDEX, EpochShuffleSampler, PixelPatchDataset, TileDataset, collate,
                                   covering_tiles)
-from datamodules.scene import (Normalization, Normalizer, Scene, check_label_grid, grid_ratios, load_scene,
+from datamodules.scene import (Normalization, Normalizer, Scene, borrow_georeferencing, grid_ratios, load_scene,
                               reference_header)
 from datamodules.splits import block_split, pixels_inside_patches
 from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
@@ -73,6 +74,13 @@ class RasterDataModule(L.LightningDataModule):
             pixels (plus a patch-sized halo) instead of loading it whole: memory is bounded by the
             window, not the scene. The map equals the in-memory one. Normalisation statistics come
             from the checkpoint (saved by training), else from a streaming pass over the windows.
+        class_map: a full label map on the scene grid; train/test/val labels given as N x 2 arrays of
+            (row, col) coordinates (e.g. ``berlin_index.mat:berlin_train``) take their classes from it.
+        coordinate_base: index of the first row/column in such lists: 0 (NumPy, default) or 1 (MATLAB).
+
+    Maps are written on the reference grid with its georeferencing; when the reference is an array
+    without one (``.mat``, ``.npy``), the transform (and CRS, if any) of the first georeferenced input
+    is used and the log says so.
     """
 
     def __init__(
@@ -104,6 +112,8 @@ class RasterDataModule(L.LightningDataModule):
         seed: int = 0,
         allow_even_patch: bool | None = None,
         predict_window: int | None = None,
+        class_map: str | None = None,
+        coordinate_base: int = 0,
     ):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
@@ -128,7 +138,12 @@ class RasterDataModule(L.LightningDataModule):
         headers = {name: read_header(p) for name, p in self.modalities.items()}
         self._bands = {name: h.bands for name, h in headers.items()}
         self.ratios = grid_ratios(headers)
-        self.reference = reference_header(headers)
+        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None]
+        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
+                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
+        if source is not None:
+            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
+                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
         self.shape = self.reference.shape
         if max(self.shape) < patch_size:
             raise InputError(f"patch_size {patch_size} is larger than the scene {self.shape} of "
@@ -137,10 +152,11 @@ class RasterDataModule(L.LightningDataModule):
         self.class_names = list(class_names) if class_names else None
         fixed_k = len(self.class_names) if self.class_names else None
         maps = {}
+        coordinates_into = class_map and ClassMap.read(self.reference, class_map, fixed_k, label_nodata,
+                                                       coordinate_base)
         for split, path in (("train", train_labels), ("test", test_labels), ("val", val_labels), ("all", labels)):
             if path is not None:
-                check_label_grid(self.reference, path)
-                maps[split], _ = read_labels(path, fixed_k, label_nodata)
+                maps[split] = read_split_labels(self.reference, path, fixed_k, label_nodata, coordinates_into)
                 maps[split] = maps[split].astype(np.int16 if maps[split].max() < 2 ** 15 else np.int32)
         self.num_classes = fixed_k or int(max(m.max() for m in maps.values()))
         if self.num_classes < 1:
