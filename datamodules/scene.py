@@ -78,7 +78,7 @@ def borrow_georeferencing(ref: RasterHeader, headers: Mapping[str, RasterHeader]
     candidates = [(h, ratios[name]) for name, h in headers.items()] + [(h, 1) for h in extra if h.shape == ref.shape]
     for header, ratio in candidates:
         if has_transform(header):
-            return replace(ref, crs=header.crs, transform=header.transform * Affine.scale(ratio)), header.path
+            return replace(ref, crs=header.crs, transform=header.transform @ Affine.scale(ratio)), header.path
     return ref, None
 
 
