@@ -58,7 +58,7 @@ MODEL = {
              "--model.init_args.warmup_steps", "1"],
     "BDGFPretrain": ["--model.init_args.ddpm", TINY_DDPM, "--model.init_args.tile", "16",
                      "--model.init_args.tiles_per_epoch", "8", "--trainer.max_steps", "2",
-                     "--data.init_args.batch_size", "4"],
+                     "--data.init_args.batch_size", "4", "--trainer.check_val_every_n_epoch", "1"],
 }
 SYNTHETIC = ["--data.init_args.scene_height", "32", "--data.init_args.scene_width", "36",
              "--data.init_args.train_per_class", "10"]
@@ -114,6 +114,7 @@ def test_config_end_to_end(name, tmp_path, tmp_path_factory, capsys):
     if name == "bdgf_pretrain_augsburg":  # stage 1 alone: no classes to test, judged by its loss
         losses = [float(r["train/loss"]) for r in metrics if r.get("train/loss")]
         assert len(losses) == 2 and all(np.isfinite(losses))
+        assert [float(r["val/ddpm_loss"]) for r in metrics if r.get("val/ddpm_loss")]
         assert (out / "checkpoints" / "last.ckpt").is_file()
         return
     for key in ("OA", "AA", "kappa"):
