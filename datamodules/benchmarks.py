@@ -1,73 +1,133 @@
 """DataModules for the standard multimodal benchmark releases (files are not downloadable: bring them).
 
 Each class looks for the files of the common distributed copies under ``root`` (the first match of
-each role wins; ``.mat`` arrays are found by key, or as the file's only array) and otherwise fails
-with one line listing what it expected. Class names follow the benchmark papers; labels are
-0 = unlabelled, 1..K.
+each role wins; a ``file.mat:KEY`` candidate matches only a file holding that key; a ``.mat`` without
+key is read as the file's only array) and otherwise fails with one line listing what it expected.
+Class names follow the benchmark papers; labels are 0 = unlabelled, 1..K. On loading, each logs a
+split card (input checksums, known-copy check, per-class pixel counts; see ``known_releases``).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from datamodules.io import InputError
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.io import InputError, RasterError, atomic_path, mat_keys, split_key
+from datamodules.known_releases import format_card, split_card
 from datamodules.raster import RasterDataModule
 
 Candidates = dict[str, list[str]]
+SPLIT_ROLES = ("train", "test", "labels", "class_map")
 
 
 class BenchmarkDataModule(RasterDataModule):
     """A :class:`RasterDataModule` whose files are found under ``root`` by their usual names.
 
+    Label roles: ``train`` + ``test`` (an official split; maps, or N x 2 coordinate lists into the
+    ``class_map``), else ``labels`` (a full ground truth without split: divided by the
+    RasterDataModule's single-map protocol, spatial blocks by default).
+
     Args:
         root: the folder holding the dataset's files.
         use: which modalities to use (default: all the dataset has, in ``files`` order).
-        **kwargs: any :class:`RasterDataModule` option (patch_size, sampling, pca, ...).
+        **kwargs: any :class:`RasterDataModule` option (patch_size, sampling, pca, ...). Options left
+            at None take the dataset's ``defaults`` (e.g. MUUFL's ``label_nodata: -1``).
     """
 
     name: ClassVar[str] = ""
     files: ClassVar[Candidates] = {}
     optional: ClassVar[tuple[str, ...]] = ()
     classes: ClassVar[list[str]] = []
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, root: str, use: list[str] | None = None, **kwargs):
         found = self.locate(root)
-        modalities = [r for r in self.files if r not in ("train", "test")]
+        modalities = [r for r in self.files if r not in SPLIT_ROLES]
         wanted = use or [m for m in modalities if m in found]
         unknown = [m for m in wanted if m not in modalities]
         if unknown:
             raise InputError(f"{self.name}: unknown modalities {unknown}; this dataset has {modalities}")
+        # The CLI passes every option explicitly (None when not set): defaults apply to None, not to absence.
+        for option, value in self.defaults.items():
+            if kwargs.get(option) is None:
+                kwargs[option] = value
         kwargs["class_names"] = kwargs.get("class_names") or self.classes or None
-        super().__init__(modalities={m: found[m] for m in wanted}, train_labels=found["train"],
-                         test_labels=found["test"], **kwargs)
+        if kwargs.get("class_map") is None:
+            kwargs["class_map"] = found.get("class_map")
+        super().__init__(modalities={m: found[m] for m in wanted}, train_labels=found.get("train"),
+                         test_labels=found.get("test"), labels=found.get("labels"), **kwargs)
+        self.inputs = {**{m: found[m] for m in wanted},
+                       **{r: found[r] for r in SPLIT_ROLES if r in found}}
+        self.card: dict | None = None
+
+    @classmethod
+    def _match(cls, base: Path, candidate: str) -> bool:
+        file, key = split_key(base / candidate)
+        if not Path(file).is_file():
+            return False
+        if key is None:
+            return True
+        try:
+            return key in mat_keys(file)
+        except RasterError:
+            return True  # there, but unreadable: reading it reports the problem
+
 
     @classmethod
     def locate(cls, root: str) -> dict[str, str]:
         base = Path(root)
         found, missing = {}, []
         for role, candidates in cls.files.items():
-            for candidate in candidates:
-                file = candidate.split(":")[0]
-                if (base / file).exists():
-                    found[role] = str(base / candidate)
-                    break
-            else:
-                if role not in cls.optional:
-                    missing.append(f"{role}: {' or '.join(c.split(':')[0] for c in candidates)}")
+            match = next((c for c in candidates if cls._match(base, c)), None)
+            if match is not None:
+                found[role] = str(base / match)
+            elif role not in cls.optional and role not in SPLIT_ROLES:
+                missing.append(f"{role}: {' or '.join(c.split(':')[0] for c in candidates)}")
+        if "train" in found and "test" in found:
+            found.pop("labels", None)  # an official split wins over a full ground truth
+        elif "labels" in found:
+            found.pop("train", None), found.pop("test", None)
+        else:
+            alternatives = [f"{r}: {' or '.join(c.split(':')[0] for c in cls.files[r])}"
+                            for r in ("train", "test") if r in cls.files and r not in found]
+            if "labels" in cls.files:
+                alternatives[-1] += f" (or a full ground truth: {' or '.join(c.split(':')[0] for c in cls.files['labels'])})"
+            missing += alternatives
         if missing:
             raise InputError(f"{base}: {cls.name} files not found ({'; '.join(missing)})")
         return found
 
+    def setup(self, stage: str | None = None) -> None:
+        if self.card is None:
+            self.log_split_card()
+        super().setup(stage)
+
+    def log_split_card(self) -> dict:
+        """Log (rank 0) the split card, and write it as ``split_card.json`` in the trainer's log dir."""
+        self.card = split_card(self.name, self.inputs, self.label_maps, self.class_names)
+        rank_zero_info(format_card(self.card))
+        trainer = getattr(self, "trainer", None)
+        log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every rank asks
+        if log_dir and trainer.is_global_zero:
+            with atomic_path(Path(log_dir) / "split_card.json") as tmp:
+                tmp.write_text(json.dumps(self.card, indent=1))
+        return self.card
+
 
 class Houston2013DataModule(BenchmarkDataModule):
     """Houston2013 (DFC2013, UH campus, 349x1905): HSI 144 bands + LiDAR DSM; 15 classes, official
-    spatially disjoint split (2,832 train / 12,197 test)."""
+    spatially disjoint split (2,832 train / 12,197 test). Copies: ``HSI.mat``, ``LiDAR_1.mat`` or
+    ``LiDAR.mat``, ``TRLabel.mat``/``TSLabel.mat``; or the contest GeoTIFFs (CASI, LiDAR, Samples_TR/VA:
+    2.5 m transform, no CRS), which maps then inherit."""
 
     name = "Houston2013"
-    files = {"hsi": ["HSI.mat:HSI", "houston_hsi.tif", "HSI.tif"], "lidar": ["LiDAR_1.mat:LiDAR", "LiDAR.mat:LiDAR",
-                                                                              "houston_lidar.tif", "LiDAR.tif"],
-             "train": ["TRLabel.mat:TRLabel", "TRLabel.tif", "train.tif"],
-             "test": ["TSLabel.mat:TSLabel", "TSLabel.tif", "test.tif"]}
+    files = {"hsi": ["HSI.mat:HSI", "2013_IEEE_GRSS_DF_Contest_CASI.tif", "houston_hsi.tif", "HSI.tif"],
+             "lidar": ["LiDAR_1.mat", "LiDAR.mat", "2013_IEEE_GRSS_DF_Contest_LiDAR.tif", "houston_lidar.tif",
+                       "LiDAR.tif"],
+             "train": ["TRLabel.mat:TRLabel", "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif", "TRLabel.tif", "train.tif"],
+             "test": ["TSLabel.mat:TSLabel", "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif", "TSLabel.tif", "test.tif"]}
     classes = ["Healthy grass", "Stressed grass", "Synthetic grass", "Trees", "Soil", "Water", "Residential",
                "Commercial", "Road", "Highway", "Railway", "Parking lot 1", "Parking lot 2", "Tennis court",
                "Running track"]
@@ -84,41 +144,51 @@ class TrentoDataModule(BenchmarkDataModule):
 
 
 class MUUFLDataModule(BenchmarkDataModule):
-    """MUUFL Gulfport (325x220): HSI 64 bands + LiDAR 2 rasters; 11 classes (raw label -1 = unlabelled)."""
+    """MUUFL Gulfport (325x220): HSI 64 bands + LiDAR 2 rasters; 11 classes (raw label -1 = unlabelled).
+    Copies: ``hsi.mat:HSI``, ``lidar.mat:lidar``, ``train_test_gt.mat`` (trainlabels/testlabels); or
+    ``HSI.mat:HSI``, ``LiDAR.mat:LiDAR`` with only ``gt.mat:gt`` (no split: the single-map protocol
+    divides it, e.g. ``train_per_class``, or spatial blocks by default)."""
 
     name = "MUUFL"
     files = {"hsi": ["hsi.mat:HSI", "HSI.mat:HSI"], "lidar": ["lidar.mat:lidar", "LiDAR.mat:LiDAR"],
              "train": ["train_test_gt.mat:trainlabels", "train.tif"],
-             "test": ["train_test_gt.mat:testlabels", "test.tif"]}
+             "test": ["train_test_gt.mat:testlabels", "test.tif"],
+             "labels": ["gt.mat:gt"]}
     classes = ["Trees", "Mostly grass", "Mixed ground surface", "Dirt/sand", "Road", "Water", "Building shadow",
                "Building", "Sidewalk", "Yellow curb", "Cloth panels"]
-
-    def __init__(self, root: str, use: list[str] | None = None, **kwargs):
-        kwargs.setdefault("label_nodata", -1)
-        super().__init__(root, use, **kwargs)
+    defaults = {"label_nodata": -1}
 
 
 class AugsburgDataModule(BenchmarkDataModule):
     """Augsburg (332x485): HSI 180 bands + Sentinel-1 SAR 4 (+ DSM 1 in the 3-modal release); 7 classes,
-    disjoint maps 761 train / 77,533 test. ``use: [hsi, sar]`` for the 2-modal setting."""
+    disjoint maps 761 train / 77,533 test. ``use: [hsi, sar]`` for the 2-modal setting. Copies: the
+    official ``data_HS_LR.mat``, ``data_SAR_HR.mat``, ``data_DSM.mat``, ``TrainImage.mat``,
+    ``TestImage.mat`` (stored as float32: read as whole-number labels); or ``data_hsi.mat:data``,
+    ``data_sar.mat:data``, ``mask_train.mat``, ``mask_test.mat``."""
 
     name = "Augsburg"
-    files = {"hsi": ["data_hsi.mat:data", "data_HS_LR.mat", "hsi.tif"], "sar": ["data_sar.mat:data",
-                                                                             "data_SAR_HR.mat", "sar.tif"],
-             "dsm": ["data_DSM.mat:data", "data_DSM.mat", "dsm.tif"],
-             "train": ["mask_train.mat:mask_train", "TrainImage.mat", "train.tif"],
-             "test": ["mask_test.mat:mask_test", "TestImage.mat", "test.tif"]}
+    files = {"hsi": ["data_HS_LR.mat:data_HS_LR", "data_hsi.mat:data", "hsi.tif"],
+             "sar": ["data_SAR_HR.mat:data_SAR_HR", "data_sar.mat:data", "sar.tif"],
+             "dsm": ["data_DSM.mat:data_DSM", "data_DSM.mat:data", "dsm.tif"],
+             "train": ["TrainImage.mat:TrainImage", "mask_train.mat:mask_train", "train.tif"],
+             "test": ["TestImage.mat:TestImage", "mask_test.mat:mask_test", "test.tif"]}
     optional = ("dsm",)
     classes = ["Forest", "Residential area", "Industrial area", "Low plants", "Allotment", "Commercial area", "Water"]
 
 
 class BerlinDataModule(BenchmarkDataModule):
-    """Berlin (1723x476): HSI 244 bands (EnMAP simulation) + Sentinel-1 SAR 4; 8 classes, disjoint maps."""
+    """Berlin (1723x476): HSI 244 bands (EnMAP simulation) + Sentinel-1 SAR 4; 8 classes. Copies: the
+    official ``data_HS_LR.mat``, ``data_SAR_HR.mat``, ``TrainImage.mat``, ``TestImage.mat`` (disjoint
+    maps); or the preprocessed (OUC) ``berlin_hsi.mat``, ``berlin_sar.mat``, ``berlin_gt.mat`` and
+    ``berlin_index.mat`` whose ``berlin_train``/``berlin_test`` are 0-based (row, col) lists into
+    ``berlin_gt``."""
 
     name = "Berlin"
-    files = {"hsi": ["data_HS_LR.mat", "berlin_hsi.mat", "hsi.tif"], "sar": ["data_SAR_HR.mat", "berlin_sar.mat",
-                                                                            "sar.tif"],
-             "train": ["TrainImage.mat", "train.tif"], "test": ["TestImage.mat", "test.tif"]}
+    files = {"hsi": ["data_HS_LR.mat:data_HS_LR", "berlin_hsi.mat:berlin_hsi", "hsi.tif"],
+             "sar": ["data_SAR_HR.mat:data_SAR_HR", "berlin_sar.mat:berlin_sar", "sar.tif"],
+             "train": ["TrainImage.mat:TrainImage", "berlin_index.mat:berlin_train", "train.tif"],
+             "test": ["TestImage.mat:TestImage", "berlin_index.mat:berlin_test", "test.tif"],
+             "class_map": ["berlin_gt.mat:berlin_gt"]}
     classes = ["Forest", "Residential area", "Industrial area", "Low plants", "Soil", "Allotment",
                "Commercial area", "Water"]
 
@@ -131,8 +201,4 @@ class MSPanDataModule(BenchmarkDataModule):
     name = "MS/PAN"
     files = {"ms": ["ms4.tif"], "pan": ["pan.tif"], "train": ["train.npy", "train.tif"],
              "test": ["test.npy", "test.tif"]}
-
-    def __init__(self, root: str, **kwargs):
-        if kwargs.get("allow_even_patch") is None:  # 16 x 16 MS patches are the literature's convention
-            kwargs["allow_even_patch"] = True
-        super().__init__(root, **kwargs)
+    defaults = {"allow_even_patch": True}  # 16 x 16 MS patches are the literature's convention

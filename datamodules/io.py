@@ -112,6 +112,26 @@ def _load_mat(path: Path, key: str | None) -> np.ndarray:
     return np.asarray(arrays[candidates[0]])
 
 
+def mat_keys(path: str | os.PathLike) -> list[str]:
+    """The variable names in a ``.mat`` file (v5 or v7.3), without reading the arrays."""
+    import h5py
+    import scipy.io
+
+    path = _check_exists(path)
+    try:
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                return [k for k in f.keys() if isinstance(f[k], h5py.Dataset)]
+        return [name for name, _, _ in scipy.io.whosmat(path)]
+    except Exception as err:  # noqa: BLE001 (as in _load_mat: scipy raises many kinds)
+        raise RasterError(f"{path}: cannot read .mat file ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def is_gdal_raster(path: str | os.PathLike) -> bool:
+    """A file read through GDAL (may carry georeferencing), not a ``.npy``/``.mat`` array."""
+    return Path(split_key(path)[0]).suffix.lower() not in (".npy", ".mat")
+
+
 def split_key(path: str | os.PathLike) -> tuple[str, str | None]:
     """``"data.mat:HSI"`` names the array ``HSI`` inside ``data.mat``."""
     text = str(path)

@@ -12,12 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from datamodules.io import InputError, RasterError, read_header, read_labels
+from datamodules.io import InputError, RasterError, is_gdal_raster, read_header
 from datamodules.augment import Augment, BatchAugmenter, batch_generator
+from datamodules.label_sources import ClassMap, read_split_labels
 from datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
                                   TileDataset, balanced_classes, collate, covering_tiles)
-from datamodules.scene import (Normalization, Normalizer, PadMode, Scene, check_label_grid, grid_ratios, load_scene,
-                              reference_header)
+from datamodules.scene import (Normalization, Normalizer, PadMode, Scene, borrow_georeferencing, grid_ratios,
+                               load_scene, reference_header)
 from datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
                                sample_per_class)
 from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
@@ -110,6 +111,13 @@ class RasterDataModule(L.LightningDataModule):
         balanced_sampling: draw training samples with probability inversely proportional to their
             class's size (as many per epoch, with replacement); a tile counts as its rarest labelled
             class (fewest training pixels in the map).
+        class_map: a full label map on the scene grid; train/test/val labels given as N x 2 arrays of
+            (row, col) coordinates (e.g. ``berlin_index.mat:berlin_train``) take their classes from it.
+        coordinate_base: index of the first row/column in such lists: 0 (NumPy, default) or 1 (MATLAB).
+
+    Maps are written on the reference grid with its georeferencing; when the reference is an array
+    without one (``.mat``, ``.npy``), the transform (and CRS, if any) of the first georeferenced input
+    is used and the log says so.
     """
 
     def __init__(
@@ -146,6 +154,8 @@ class RasterDataModule(L.LightningDataModule):
         pad_mode: PadMode = "reflect",
         augment: Augment | None = None,
         balanced_sampling: bool = False,
+        class_map: str | None = None,
+        coordinate_base: int = 0,
     ):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
@@ -170,7 +180,12 @@ class RasterDataModule(L.LightningDataModule):
         headers = {name: read_header(p) for name, p in self.modalities.items()}
         self._bands = {name: h.bands for name, h in headers.items()}
         self.ratios = grid_ratios(headers)
-        self.reference = reference_header(headers)
+        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None]
+        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
+                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
+        if source is not None:
+            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
+                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
         self.shape = self.reference.shape
         if max(self.shape) < patch_size:
             raise InputError(f"patch_size {patch_size} is larger than the scene {self.shape} of "
@@ -179,7 +194,7 @@ class RasterDataModule(L.LightningDataModule):
         self.class_names = list(class_names) if class_names else None
         self.hparams.seed = seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
         maps = self._read_label_maps({"train": train_labels, "test": test_labels, "val": val_labels, "all": labels},
-                                     label_map, label_nodata)
+                                     label_map, label_nodata, class_map, coordinate_base)
         fixed_k = len(self.class_names) if self.class_names else None
         self.num_classes = fixed_k or int(max(label_map.values()) if label_map else max(m.max() for m in maps.values()))
         if self.num_classes < 1:
@@ -205,18 +220,22 @@ class RasterDataModule(L.LightningDataModule):
         self.augmenter = augmenter if augmenter.active else None
 
     def _read_label_maps(self, paths: dict[str, str | None], label_map: dict[int, int] | None,
-                         label_nodata: int | None) -> dict[str, np.ndarray]:
-        """Read every given label map; ``label_map`` renumbers its classes before anything else."""
+                         label_nodata: int | None, class_map: str | None,
+                         coordinate_base: int) -> dict[str, np.ndarray]:
+        """Read every given label map (or coordinate list into ``class_map``); ``label_map`` renumbers
+        the classes before anything else."""
         fixed_k = len(self.class_names) if self.class_names else None
         if label_map and fixed_k is not None and max(label_map.values()) != fixed_k:
             raise InputError(f"label_map maps to classes 1..{max(label_map.values())} but class_names names "
                              f"{fixed_k}: give one name per new class")
+        check_k = None if label_map else fixed_k
+        coordinates_into = class_map and ClassMap.read(self.reference, class_map, check_k, label_nodata,
+                                                       coordinate_base)
         maps = {}
         for split, path in paths.items():
             if path is None:
                 continue
-            check_label_grid(self.reference, path)
-            values, _ = read_labels(path, None if label_map else fixed_k, label_nodata)
+            values = read_split_labels(self.reference, path, check_k, label_nodata, coordinates_into)
             if label_map:
                 values = remap_labels(values, label_map, path)
             maps[split] = values.astype(np.int16 if values.max() < 2 ** 15 else np.int32)
@@ -231,12 +250,12 @@ class RasterDataModule(L.LightningDataModule):
         if train_per_class is not None:
             check_per_class(train_per_class)
         if "all" in maps and train_per_class is not None:
-            maps["train"], maps["test"], removed = per_class_split(maps.pop("all"), train_per_class, seed, guard)
+            maps["train"], maps["test"], removed = per_class_split(maps["all"], train_per_class, seed, guard)
             self._log_per_class(maps["train"], removed, train_per_class, seed, guard)
         elif "all" in maps:
             if not 0 < test_fraction < 1:
                 raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
-            everything = maps.pop("all")
+            everything = maps["all"]  # kept: the split card counts it
             maps["train"], maps["test"] = block_split(everything, test_fraction, block_size, seed, guard)
             dropped = int((everything > 0).sum() - (maps["train"] > 0).sum() - (maps["test"] > 0).sum())
             rank_zero_info(f"Block split (seed {seed}): the guard band of {guard} px removed {dropped} training "

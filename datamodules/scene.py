@@ -1,8 +1,8 @@
 """A scene: co-registered modalities checked against each other, normalised and padded for patching."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 from affine import Affine
@@ -60,6 +60,27 @@ def _fmt(bounds) -> str:
 def reference_header(headers: Mapping[str, RasterHeader]) -> RasterHeader:
     """The coarsest modality's grid: labels, samples and maps live on it."""
     return min(headers.values(), key=lambda h: h.shape[0] * h.shape[1])
+
+
+def has_transform(header: RasterHeader) -> bool:
+    return header.transform is not None and header.transform != Affine.identity()
+
+
+def borrow_georeferencing(ref: RasterHeader, headers: Mapping[str, RasterHeader], ratios: Mapping[str, int],
+                          extra: Sequence[RasterHeader] = ()) -> tuple[RasterHeader, str | None]:
+    """``ref`` with the transform (and CRS, if any) of the first input that has one, when ``ref`` has
+    none (a ``.mat``/``.npy`` array beside GeoTIFFs): maps then land where the georeferenced input is.
+
+    ``extra`` headers (e.g. label rasters) count when they lie on ``ref``'s grid. Returns the header
+    and the path the georeferencing came from (None when ``ref`` keeps its own or nothing has one).
+    """
+    if has_transform(ref):
+        return ref, None
+    candidates = [(h, ratios[name]) for name, h in headers.items()] + [(h, 1) for h in extra if h.shape == ref.shape]
+    for header, ratio in candidates:
+        if has_transform(header):
+            return replace(ref, crs=header.crs, transform=header.transform @ Affine.scale(ratio)), header.path
+    return ref, None
 
 
 def grid_ratios(headers: Mapping[str, RasterHeader]) -> dict[str, int]:

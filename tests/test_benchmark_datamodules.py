@@ -57,3 +57,189 @@ def test_ms_pan_layout_from_the_synthetic_generator(tmp_path):
     dm = MSPanDataModule(root=str(tmp_path), patch_size=4)
     assert dm.in_channels == {"ms": 4, "pan": 1} and dm.ratios == {"ms": 1, "pan": 4}
     assert dm.num_classes == 6
+
+
+# ------------------------------------------------------------------ every distributed copy (tests/data/releases.py)
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import datamodules  # noqa: E402
+from datamodules import RasterDataModule, RasterError  # noqa: E402
+from datamodules import known_releases  # noqa: E402
+from tests.data import releases  # noqa: E402
+
+BANDS = {"Houston2013DataModule": {"hsi": 144, "lidar": 1}, "TrentoDataModule": {"hsi": 63, "lidar": 1},
+         "MUUFLDataModule": {"hsi": 64, "lidar": 2}, "AugsburgDataModule": {"hsi": 180, "sar": 4, "dsm": 1},
+         "BerlinDataModule": {"hsi": 244, "sar": 4}, "MSPanDataModule": {"ms": 4, "pan": 1}}
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory):
+    base = tmp_path_factory.mktemp("releases")
+    return {name: releases.write_copy(name, base / name) for name in releases.COPIES}
+
+
+@pytest.mark.parametrize("name", list(releases.COPIES))
+def test_every_copy_loads_with_its_shapes_classes_and_labels(copies, name):
+    cls = releases.COPIES[name][0]
+    dm = getattr(datamodules, cls)(root=str(copies[name]), patch_size=5)
+    bands = dict(BANDS[cls])
+    if name == "augsburg_masks":
+        bands.pop("dsm")  # that copy ships no DSM
+    gt, train, test = releases.expected_maps(name)
+    assert dm.in_channels == bands
+    assert dm.shape == gt.shape
+    assert dm.num_classes == releases.CLASSES[next(d for d in releases.SHAPES if name.startswith(d))]
+    maps = dm.label_maps
+    if name == "muufl_gt_only":  # no split in the copy: the single-map protocol divides the ground truth
+        used = (maps["train"] > 0) | (maps["val"] > 0) | (maps["test"] > 0)
+        np.testing.assert_array_equal(maps["all"], gt)
+        np.testing.assert_array_equal(np.where(used, gt, 0), maps["train"] + maps["val"] + maps["test"])
+        assert set(np.unique(maps["test"][maps["test"] > 0])) == set(range(1, dm.num_classes + 1))
+        return
+    np.testing.assert_array_equal(maps["test"], test)
+    np.testing.assert_array_equal(maps["train"] + maps["val"], train)  # validation is taken from training pixels
+    assert int((maps["test"] > 0).sum()) == int((test > 0).sum())
+
+
+def test_mat_v73_is_written_as_matlab_does_and_reads_like_v5(tmp_path):
+    import h5py
+
+    cube = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    releases.save_mat(tmp_path / "a.mat", {"HSI": cube}, "7.3")
+    releases.save_mat(tmp_path / "b.mat", {"HSI": cube}, "5")
+    with h5py.File(tmp_path / "a.mat", "r") as f:  # column-major on disk: h5py sees the axes reversed
+        assert f["HSI"].shape == (5, 4, 3) and f["HSI"].attrs["MATLAB_class"] == b"single"
+    assert (tmp_path / "a.mat").read_bytes()[:19] == b"MATLAB 7.3 MAT-file"
+    from datamodules.io import read_raster
+
+    v73, v5 = read_raster(f"{tmp_path / 'a.mat'}:HSI").data, read_raster(f"{tmp_path / 'b.mat'}:HSI").data
+    assert v73.shape == (5, 3, 4)  # (bands, rows, cols)
+    np.testing.assert_array_equal(v73, v5)
+    np.testing.assert_array_equal(v73, np.moveaxis(cube, -1, 0))
+
+
+def test_muufl_gt_only_copy_trains_through_the_cli(copies, tmp_path):
+    from lightning_modules.cli import main
+    from tests.test_every_config import TRAINER, redirect_outputs
+
+    config = redirect_outputs(releases.ROOT / "configs" / "baseline_muufl.yaml", tmp_path / "runs")
+    main(["fit", "--config", str(config), "--data.init_args.root", str(copies["muufl_gt_only"]), *TRAINER,
+          "--model.init_args.width", "8"])
+    card = json.loads((tmp_path / "runs" / "version_0" / "split_card.json").read_text())
+    gt = releases.expected_maps("muufl_gt_only")[0]
+    assert card["total"]["all"] == int((gt > 0).sum())
+    assert card["total"]["train"] > 0 and card["total"]["test"] > 0
+    assert (tmp_path / "runs" / "version_0" / "predictions" / "classification_map.tif").is_file()
+
+
+def test_muufl_label_nodata_default_applies_when_the_cli_passes_none(copies):
+    dm = MUUFLDataModule(root=str(copies["muufl"]), patch_size=3, label_nodata=None)
+    assert dm.hparams.label_nodata == -1
+    np.testing.assert_array_equal(dm.label_maps["test"], releases.expected_maps("muufl")[2])
+
+
+def test_split_card_counts_and_checksums(copies):
+    dm = datamodules.TrentoDataModule(root=str(copies["trento"]), patch_size=5)
+    card = dm.log_split_card()
+    for split in ("train", "val", "test"):
+        independent = [int((dm.label_maps[split] == k).sum()) for k in range(1, 7)]
+        assert [c[split] for c in card["classes"]] == independent
+    gt, train, test = releases.expected_maps("trento")
+    assert card["total"]["train"] + card["total"]["val"] == int((train > 0).sum())
+    assert [c["name"] for c in card["classes"]] == dm.classes
+    by_role = {f["role"]: f for f in card["files"]}
+    assert set(by_role) == {"hsi", "lidar", "train", "test"}
+    lidar = copies["trento"] / "LiDAR.mat"
+    assert by_role["lidar"]["sha256"] == hashlib.sha256(lidar.read_bytes()).hexdigest()
+    assert by_role["lidar"]["copy"] == "unknown copy"  # a generated file is no public copy
+
+
+def test_split_card_recognises_a_known_copy(copies, monkeypatch):
+    label = copies["trento"] / "TRLabel.mat"
+    digest = hashlib.sha256(label.read_bytes()).hexdigest()
+    known = known_releases.KnownFile("Trento", "TRLabel.mat", "TRLabel", (166, 600), "uint8", 819)
+    monkeypatch.setitem(known_releases.KNOWN_FILES, digest, known)
+    card = datamodules.TrentoDataModule(root=str(copies["trento"]), patch_size=5).log_split_card()
+    by_role = {f["role"]: f for f in card["files"]}
+    assert by_role["train"]["copy"] == "Trento TRLabel.mat:TRLabel (166 x 600 uint8, 819 labelled)"
+    assert by_role["test"]["copy"] == "unknown copy"
+    text = known_releases.format_card(card)
+    assert "Split card (Trento):" in text and "Apple trees" in text and digest in text
+
+
+def test_known_copy_table_matches_the_shared_facts():
+    table = (releases.ROOT.parent / "shared" / "data" / "known-releases.md")
+    if not table.exists():
+        pytest.skip(f"{table} not found")
+    listed = set(__import__("re").findall(r"\b[0-9a-f]{64}\b", table.read_text()))
+    assert listed == set(known_releases.KNOWN_FILES)
+
+
+def test_float_test_map_with_fractional_values_is_an_error(copies, tmp_path):
+    import shutil
+
+    root = tmp_path / "augsburg"
+    shutil.copytree(copies["augsburg_official_v5"], root)
+    test = releases.expected_maps("augsburg_official")[2].astype(np.float32)
+    test[test > 0] += 0.5
+    releases.save_mat(root / "TestImage.mat", {"TestImage": test}, "5")
+    with pytest.raises(RasterError, match=r"TestImage\.mat:TestImage: label values must be whole numbers"):
+        datamodules.AugsburgDataModule(root=str(root), patch_size=5)
+
+
+def test_coordinate_lists_base_and_errors(copies, tmp_path):
+    root = copies["berlin_ouc"]
+    gt, train, test = releases.expected_maps("berlin_ouc")
+    common = dict(modalities={"hsi": f"{root}/berlin_hsi.mat:berlin_hsi", "sar": f"{root}/berlin_sar.mat:berlin_sar"},
+                  class_map=f"{root}/berlin_gt.mat:berlin_gt", patch_size=5)
+    one_based = tmp_path / "index1.mat"
+    releases.save_mat(one_based, {"tr": np.argwhere(train > 0) + 1, "te": np.argwhere(test > 0) + 1})
+    dm = RasterDataModule(train_labels=f"{one_based}:tr", test_labels=f"{one_based}:te", coordinate_base=1, **common)
+    np.testing.assert_array_equal(dm.label_maps["test"], test)
+    # read as 0-based, the last row/column of a 1-based list falls outside the scene: one line, naming the file
+    edge = np.array([[gt.shape[0], 1], [1, 1]])
+    releases.save_mat(tmp_path / "edge.mat", {"tr": edge})
+    with pytest.raises(RasterError, match=r"edge\.mat:tr: 1 coordinates fall outside the 40 x 30 scene \(first: "
+                                          r"row 40, col 1, read as 0-based; see coordinate_base\)"):
+        RasterDataModule(train_labels=f"{tmp_path / 'edge.mat'}:tr", test_labels=f"{one_based}:te", **common)
+    with pytest.raises(RasterError, match=r"a \d+ x 2 array, not a 40 x 30 label map: .* give class_map"):
+        RasterDataModule(train_labels=f"{one_based}:tr", test_labels=f"{one_based}:te",
+                         **{**common, "class_map": None})
+
+
+def test_map_georeferencing_comes_from_the_georeferenced_input(copies, tmp_path):
+    from affine import Affine
+
+    from tests.conftest import write_tif
+
+    dm = Houston2013DataModule(root=str(copies["houston2013_contest"]), patch_size=5)
+    assert dm.reference.transform == releases.HOUSTON_TRANSFORM and dm.reference.crs is None
+    assert dm.reference.path.endswith("HSI.mat:HSI")
+    # a finer GeoTIFF with a CRS: the map's pixel is the reference's, so the transform is scaled
+    root = copies["houston2013_mat"]
+    lidar = np.kron(releases.Scene("houston2013").field(), np.ones((2, 2))).astype(np.float32)
+    write_tif(tmp_path / "fine.tif", lidar, res=1.25, origin=(268_000.0, 3_290_000.0))
+    dm = RasterDataModule(modalities={"hsi": f"{root}/HSI.mat:HSI", "lidar": str(tmp_path / "fine.tif")},
+                          train_labels=f"{root}/TRLabel.mat:TRLabel", test_labels=f"{root}/TSLabel.mat:TSLabel",
+                          patch_size=5)
+    assert dm.reference.transform == Affine(2.5, 0, 268_000.0, 0, -2.5, 3_290_000.0)
+    assert dm.reference.crs.to_epsg() == 32632
+
+
+def test_sha256_is_streamed_and_computed_once(tmp_path, monkeypatch):
+    path = tmp_path / "big.bin"
+    payload = np.random.default_rng(0).bytes(3 * 1024 + 7)
+    path.write_bytes(payload)
+    monkeypatch.setattr(known_releases, "_CHUNK", 1024)
+    reads = []
+    real_open = open
+
+    def counting_open(*args, **kwargs):
+        reads.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert known_releases.sha256_file(path) == hashlib.sha256(payload).hexdigest()
+    assert known_releases.sha256_file(f"{path}") == hashlib.sha256(payload).hexdigest()
+    assert len([r for r in reads if str(r) == str(path.resolve())]) == 1
