@@ -22,8 +22,8 @@ from lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, RandomSceneTiles
                                     pretrain_ddpm, resolve_ddpm_config)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_berlin", "bdgf_yellow_river_template",
-           "bdgf_lcz_hk_template"]
+CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_pretrain_synthetic", "bdgf_berlin",
+           "bdgf_yellow_river_template", "bdgf_lcz_hk_template"]
 TINY_DDPM = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=4,
                  norm_groups=4, dropout=0.0, num_timesteps=50, mask_window=2)
 TINY_NET = dict(dim=16, proj_dim=8, mamba_kwargs={"d_state": 4}, transformer_kwargs={"heads": 2})
@@ -415,12 +415,13 @@ def test_configs_parse_without_their_data(name, capsys):
     model = printed["model"]
     assert model["class_path"] == ("lightning_modules.BDGFPretrain" if "pretrain" in name else "lightning_modules.BDGF")
     data = printed["data"]["init_args"]
-    if name != "bdgf_synthetic":
+    assert model["init_args"]["ddpm"]["masked_target"] == "x0"  # the corrected stage-1 objective, spelt out
+    if "synthetic" not in name:
         assert printed["data"]["class_path"] == "datamodules.RasterDataModule"
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
     if name in ("bdgf_augsburg", "bdgf_berlin"):
         assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}
         assert model["init_args"]["feature_timesteps"] == [50, 150] and model["init_args"]["pretrain_steps"] == 30000
         assert len(data["class_names"]) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
-    if name == "bdgf_pretrain_augsburg":
+    if name.startswith("bdgf_pretrain"):
         assert printed["test_after_fit"] is False and printed["trainer"]["gradient_clip_val"] == 1.0
