@@ -12,7 +12,8 @@ Two LightningModules on the suite's :class:`~datamodules.raster.RasterDataModule
   trains the three-branch classifier with mutual learning.
 
 Only the skeleton is the paper's [P]; the rest follows ``specs/bdgf.md`` (tags [R]/[D] there) and
-every number is a constructor argument. Where the DDPM weights live: the BDGF checkpoint stores
+every number is a constructor argument. The abstract announces code at github.com/HaoLiu-XDU/BDGF;
+it was not available to this project and this reconstruction has not been compared with it. Where the DDPM weights live: the BDGF checkpoint stores
 the EMA denoiser (``checkpoint["bdgf_ddpm"]``), so ``lightning test/predict --ckpt_path`` never
 pre-trains again; the feature bank is rebuilt from those weights when the cache lacks it. Because
 Lightning restores checkpoint weights *after* ``setup``, the bank is prepared in the
