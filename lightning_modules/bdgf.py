@@ -12,7 +12,8 @@ Two LightningModules on the suite's :class:`~datamodules.raster.RasterDataModule
   trains the three-branch classifier with mutual learning.
 
 Only the skeleton is the paper's [P]; the rest follows ``specs/bdgf.md`` (tags [R]/[D] there) and
-every number is a constructor argument. Where the DDPM weights live: the BDGF checkpoint stores
+every number is a constructor argument. The abstract announces code at github.com/HaoLiu-XDU/BDGF;
+it was not available to this project and this reconstruction has not been compared with it. Where the DDPM weights live: the BDGF checkpoint stores
 the EMA denoiser (``checkpoint["bdgf_ddpm"]``), so ``lightning test/predict --ckpt_path`` never
 pre-trains again; the feature bank is rebuilt from those weights when the cache lacks it. Because
 Lightning restores checkpoint weights *after* ``setup``, the bank is prepared in the
@@ -53,7 +54,7 @@ from datamodules.sampling import IGNORE_INDEX
 from lightning_modules.base import Batch, FusionClassifier
 from lightning_modules.networks.bdgf import (BRANCHES, DEFAULT_GUIDE_LEVELS, BDGFNet, BDGFOutput, bdgf_loss,
                                              warmup_weight)
-from lightning_modules.networks.bdgf_diffusion import (DiffusionSchedule, ModalityMaskingController,
+from lightning_modules.networks.bdgf_diffusion import (MASKED_TARGETS, DiffusionSchedule, ModalityMaskingController,
                                                        MultimodalDenoiserUNet, ddpm_training_loss, draw_channel_mask,
                                                        extract_feature_cube, feature_cube_channels)
 
@@ -61,7 +62,14 @@ __all__ = ["BDGF", "BDGFPretrain", "BDGFDiffusion", "DDPM_DEFAULTS", "FEATURE_KE
            "load_ddpm_payload", "default_cache_dir"]
 
 FEATURE_KEY = "ddpm_features"  # the scene modality (and batch key) holding the diffusion feature patches
-PAYLOAD_FORMAT = "rsfusion-bdgf-ddpm-v1"
+PAYLOAD_FORMAT = "rsfusion-bdgf-ddpm-v2"
+# Payload formats load_ddpm_payload reads. v1 DDPMs were trained with the masked modality's
+# epsilon as target (pure noise: spec 4.2 before its correction); they still load, with a warning.
+READABLE_PAYLOAD_FORMATS = ("rsfusion-bdgf-ddpm-v1", PAYLOAD_FORMAT)
+# Version of the stage-1 training objective, part of the DDPM cache key: bump it whenever a code
+# change alters what pretraining learns, so a DDPM cached by older code is never reused.
+# 2: masked modalities predict x0 or add no loss (masked_target), never their hidden epsilon.
+STAGE1_OBJECTIVE_VERSION = 2
 
 # The multimodal DDPM's configuration (spec section 4; all [D] except where noted). Keys of a
 # ``ddpm`` dict override these; unknown keys are an error.
@@ -76,6 +84,8 @@ DDPM_DEFAULTS: dict[str, Any] = {
     "mask_mode": "adaptive", "initial_probabilities": None, "mask_ema_momentum": 0.99, "mask_window": 200,
     "mask_step_size": 0.05, "p_min": 0.05, "p_max": 0.5, "max_total": 0.9, "criterion": "loss_progress",
     "loss_weighting": "per_modality", "mask_granularity": "modality", "band_group_fraction": 0.5,
+    # what a masked modality's outputs are trained on (spec 4.2 corrected [R]): x0 | none
+    "masked_target": "x0",
 }
 _DENOISER_KEYS = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "attention_heads",
                   "dropout", "stem_channels", "norm", "norm_groups", "time_embed_mult", "mask_fill", "mask_indicator")
@@ -88,6 +98,8 @@ def resolve_ddpm_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"ddpm: unknown keys {unknown}; known keys: {sorted(DDPM_DEFAULTS)}")
     config = {**DDPM_DEFAULTS, **overrides}
+    if config["masked_target"] not in MASKED_TARGETS:
+        raise ValueError(f"ddpm.masked_target must be one of {MASKED_TARGETS}, got {config['masked_target']!r}")
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in config.items()}
 
 
@@ -129,15 +141,22 @@ class BDGFDiffusion(nn.Module):
         return torch.cat([modalities[n].float() for n in self.modality_channels], dim=1)
 
     def training_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Masked, modality-balanced DDPM loss of a batch of clean tiles x0 (B, C, H, W); feeds the
-        controller with the unmasked per-modality losses (``criterion="loss_progress"``)."""
+        """Masked, modality-balanced DDPM loss of a batch of clean tiles x0 (B, C, H, W).
+
+        With ``criterion="loss_progress"`` the controller is fed each modality's epsilon loss over
+        the samples where it is visible (``unmasked_modality_losses``). That figure means the same
+        under ``masked_target`` x0 and none; the masked samples' x0 loss is left out because its
+        share of the batch follows the masking probability being adapted (a feedback loop) and
+        it measures cross-modal reconstruction, not how well the modality itself is learned.
+        """
         cfg = self.config
         channel_mask = None
         if self.masking.mode != "none":
             modality_mask = self.masking.sample_mask(x0.shape[0], generator=generator)
             channel_mask = draw_channel_mask(modality_mask, self.modality_channels, cfg["mask_granularity"],
                                              cfg["band_group_fraction"], generator=generator).to(x0.device)
-        out = ddpm_training_loss(self.denoiser, self.schedule, x0, channel_mask, cfg["loss_weighting"], generator)
+        out = ddpm_training_loss(self.denoiser, self.schedule, x0, channel_mask, cfg["loss_weighting"], generator,
+                                 masked_target=cfg["masked_target"])
         if self.masking.criterion == "loss_progress":
             self.masking.step(out["unmasked_modality_losses"])
         return out
@@ -158,7 +177,7 @@ class BDGFDiffusion(nn.Module):
 
     def payload(self) -> dict[str, Any]:
         """What a BDGF needs to rebuild the frozen EMA denoiser: config, modalities, weights."""
-        return {"format": PAYLOAD_FORMAT, "config": dict(self.config),
+        return {"format": PAYLOAD_FORMAT, "objective": STAGE1_OBJECTIVE_VERSION, "config": dict(self.config),
                 "modality_channels": dict(self.modality_channels),
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()},
                 "masking": self.masking.probabilities, "ema_updates": int(self.ema_updates)}
@@ -195,10 +214,16 @@ def load_ddpm_payload(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         raise InputError(f"{path}: cannot read the DDPM checkpoint ({str(err).splitlines()[0]})") from None
-    if isinstance(obj, dict) and obj.get("format") == PAYLOAD_FORMAT:
-        return obj
-    if isinstance(obj, dict) and isinstance(obj.get("bdgf_ddpm"), dict):
-        return obj["bdgf_ddpm"]
+    payload = None
+    if isinstance(obj, dict) and obj.get("format") in READABLE_PAYLOAD_FORMATS:
+        payload = obj
+    elif isinstance(obj, dict) and isinstance(obj.get("bdgf_ddpm"), dict):
+        payload = obj["bdgf_ddpm"]
+    if payload is not None:
+        if "masked_target" not in payload.get("config", {}):
+            rank_zero_warn(f"{path}: this DDPM was pre-trained before the stage-1 fix (its masked modality was "
+                           "trained on pure noise); pre-train it again for the corrected objective")
+        return payload
     raise InputError(f"{path}: not a BDGF DDPM (expected a BDGFPretrain/BDGF .ckpt or a cached DDPM .pt)")
 
 
@@ -314,9 +339,12 @@ class BDGFPretrain(FusionClassifier):
     Labels are not used: in ``setup("fit")`` the DataModule's training set is replaced by
     :class:`RandomSceneTiles` (random ``tile`` crops with flips/rot90 of the whole normalised
     scene, ``tiles_per_epoch`` per epoch, batch size = the DataModule's). Validation reports the
-    EMA denoiser's unmasked loss ``val/ddpm_loss`` on the validation patches (fixed noise). The
-    masking probabilities and per-modality EMA losses are logged every optimiser step
-    (``train/p_mask/<modality>``, ...). Checkpoints hold the EMA denoiser in ``checkpoint["bdgf_ddpm"]``
+    EMA denoiser's unmasked loss ``val/ddpm_loss`` on the validation patches (fixed noise). Logged
+    every optimiser step: the masking probabilities ``train/p_mask/<modality>``, the controller's
+    EMA losses and imbalance ratios (``train/ema_loss/<m>``, ``train/rho/<m>``), each modality's
+    loss term ``train/loss_<m>``, its epsilon loss where visible ``train/eps_loss_visible/<m>`` (what
+    the controller reads) and its variance-normalised x0 loss where masked
+    ``train/x0_loss_masked/<m>`` (below 1 = better than predicting the mean). Checkpoints hold the EMA denoiser in ``checkpoint["bdgf_ddpm"]``
     for :class:`BDGF`'s ``ddpm_checkpoint``.
 
     Args:
@@ -370,8 +398,13 @@ class BDGFPretrain(FusionClassifier):
         out = self.diffusion.training_loss(x0)
         size = x0.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
-        for name, value in zip(self.diffusion.modality_channels, out["modality_losses"]):
-            self.log(f"train/loss_{name}", value, batch_size=size)
+        for i, name in enumerate(self.diffusion.modality_channels):
+            self.log(f"train/loss_{name}", out["modality_losses"][i], batch_size=size)
+            for key, figure in (("eps_loss_visible", "unmasked_modality_losses"),
+                                ("x0_loss_masked", "masked_modality_losses")):
+                value = out[figure][i]
+                if torch.isfinite(value):  # NaN when no sample of the batch had it visible / masked
+                    self.log(f"train/{key}/{name}", value, batch_size=size)
         state = self.diffusion.masking.log_state()
         self.log_dict({f"train/{k}": v for k, v in state.items() if math.isfinite(v)}, batch_size=size)
         return out["loss"]
@@ -776,7 +809,8 @@ class BDGF(FusionClassifier):
         recipe = {"steps": hp.pretrain_steps, "batch_size": hp.pretrain_batch_size, "lr": hp.pretrain_lr,
                   "tile": hp.pretrain_tile, "ema_decay": hp.pretrain_ema_decay, "grad_clip": hp.pretrain_grad_clip,
                   "seed": hp.pretrain_seed}
-        key = cache_key(kind="ddpm", data=data_hash, config=config, recipe=recipe, format=PAYLOAD_FORMAT)
+        key = cache_key(kind="ddpm", data=data_hash, config=config, recipe=recipe, format=PAYLOAD_FORMAT,
+                        objective=STAGE1_OBJECTIVE_VERSION)
         path = self.cache_dir / "ddpm" / f"{key}.pt"
         if path.is_file():
             try:

@@ -17,11 +17,13 @@ from datamodules.feature_bank import load_bank
 from datamodules.raster import RasterDataModule
 from datamodules.synthetic import ensure_scene
 from lightning_modules import BDGF, BDGFPretrain
-from lightning_modules.bdgf import FEATURE_KEY, RandomSceneTiles, load_ddpm_payload, payload_digest, pretrain_ddpm
+from datamodules.feature_bank import array_digest, cache_key
+from lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, RandomSceneTiles, load_ddpm_payload, payload_digest,
+                                    pretrain_ddpm, resolve_ddpm_config)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_berlin", "bdgf_yellow_river_template",
-           "bdgf_lcz_hk_template"]
+CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_pretrain_synthetic", "bdgf_berlin",
+           "bdgf_yellow_river_template", "bdgf_lcz_hk_template"]
 TINY_DDPM = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=4,
                  norm_groups=4, dropout=0.0, num_timesteps=50, mask_window=2)
 TINY_NET = dict(dim=16, proj_dim=8, mamba_kwargs={"d_state": 4}, transformer_kwargs={"heads": 2})
@@ -172,6 +174,100 @@ def test_each_mutual_learning_switch_trains_a_step(tmp_path, make_dm, ml):
     assert any(n.startswith("projectors.") for n in changed) == (ml in ("feat", "both"))
 
 
+def _one_easy_modality(easy: str, channels: dict[str, int], count: int = 256, size: int = 8) -> torch.Tensor:
+    """Tiles where ``easy`` is one constant per tile in all its bands (+ 1 % noise), the other white noise."""
+    g = torch.Generator().manual_seed(0)
+    fields = {}
+    for name, bands in channels.items():
+        if name == easy:
+            fields[name] = (torch.randn(count, 1, 1, 1, generator=g).expand(count, bands, size, size)
+                            + 0.01 * torch.randn(count, bands, size, size, generator=g))
+        else:
+            fields[name] = torch.randn(count, bands, size, size, generator=g)
+    return torch.cat([fields[n] for n in channels], dim=1)
+
+
+@pytest.mark.parametrize("easy, masked_target", [("sar", "x0"), ("hsi", "x0"), ("sar", "none")])
+def test_controller_masks_the_easier_modality_more_window_after_window(easy, masked_target):
+    channels = {"hsi": 3, "sar": 3}  # equal band counts: only the data makes one modality easier
+    momentum, window, eta, windows, transient = 0.8, 12, 0.05, 8, 1
+    config = {**TINY_DDPM, "mask_window": window, "mask_ema_momentum": momentum, "mask_step_size": eta,
+              "masked_target": masked_target}
+    torch.manual_seed(0)
+    model = BDGFDiffusion(channels, config)
+    optimizer = torch.optim.Adam(model.denoiser.parameters(), lr=1e-2)
+    data, g = _one_easy_modality(easy, channels), torch.Generator().manual_seed(1)
+    # the spec's rule, written out here: EMA (momentum 0.99 there) of each modality's epsilon loss
+    # where it is visible; every window r_m = EMA_m(window start) / EMA_m(now), rho = r_hsi / r_sar,
+    # p_hsi += eta (rho - 1), p_sar += eta (1 / rho - 1) (two modalities: "the others" = the other)
+    ema, start, in_window, updates = None, None, 0, []
+    probs = torch.tensor([0.3, 0.1], dtype=torch.float64)
+    for _ in range(windows * window + 1):
+        out = model.training_loss(data[torch.randint(0, len(data), (16,), generator=g)], g)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        seen = out["unmasked_modality_losses"].double()
+        assert torch.isfinite(seen).all()  # in these batches of 16 each modality is visible somewhere
+        if ema is None:
+            ema, start = seen.clone(), seen.clone()
+            continue
+        ema = momentum * ema + (1 - momentum) * seen
+        in_window += 1
+        if in_window == window:
+            r = start / ema
+            rho = torch.stack([r[0] / r[1], r[1] / r[0]])
+            new = (probs + eta * (rho - 1)).clamp(0.05, 0.5)
+            actual = torch.tensor(list(model.masking.probabilities.values()), dtype=torch.float64)
+            torch.testing.assert_close(actual, new, rtol=0, atol=1e-9)
+            updates.append(new - probs)
+            probs, start, in_window = new, ema.clone(), 0
+    assert len(updates) == windows and int(model.masking.num_updates) == windows
+    easy_index = list(channels).index(easy)
+    # after the first window (both modalities first learn to predict about 0), the easier modality's
+    # loss falls faster, so it is hidden more and the other one less, window after window
+    for step in updates[transient:]:
+        assert step[easy_index] > 0 > step[1 - easy_index], updates
+    assert probs[easy_index] > (0.3, 0.1)[easy_index] + 0.02
+
+
+def test_ddpm_cache_key_covers_the_objective(tmp_path, make_dm):
+    """A DDPM cached by the pre-fix code (old key) is not reused; masked_target selects its own DDPM."""
+    cache = tmp_path / "cache"
+    dm = make_dm()
+    data = unpadded(dm)
+    stale = pretrain_ddpm(data, TINY_DDPM, steps=1, batch_size=2, tile=8)
+    stale["format"] = "rsfusion-bdgf-ddpm-v1"  # as the pre-fix code wrote it
+    del stale["config"]["masked_target"], stale["objective"]
+    old_config = {k: v for k, v in resolve_ddpm_config(TINY_DDPM).items() if k != "masked_target"}
+    recipe = {"steps": 2, "batch_size": 2, "lr": 1e-4, "tile": 8, "ema_decay": 0.999, "grad_clip": 1.0, "seed": 0}
+    old_key = cache_key(kind="ddpm", data=array_digest(data), config=old_config, recipe=recipe,
+                        format="rsfusion-bdgf-ddpm-v1")  # how the DDPM cache was keyed before the fix
+    (cache / "ddpm").mkdir(parents=True)
+    torch.save(stale, cache / "ddpm" / f"{old_key}.pt")
+
+    model = tiny_bdgf(cache_dir=str(cache))
+    model.prepare_feature_bank(dm.scene)
+    assert model._sources["DDPM"] == "built"  # pre-trained again, the stale file left alone
+    assert model._ddpm_payload["config"]["masked_target"] == "x0" and model._ddpm_payload["objective"] == 2
+    files = {p.stem for p in (cache / "ddpm").glob("*.pt")}
+    assert len(files) == 2 and old_key in files
+
+    none = tiny_bdgf(cache_dir=str(cache), ddpm={**TINY_DDPM, "masked_target": "none"})
+    none.prepare_feature_bank(make_dm().scene)
+    assert none._sources["DDPM"] == "built" and len(list((cache / "ddpm").glob("*.pt"))) == 3
+    again = tiny_bdgf(cache_dir=str(cache))
+    again.prepare_feature_bank(make_dm().scene)
+    assert again._sources == {"DDPM": "cache", "bank": "cache"}
+    assert payload_digest(again._ddpm_payload) == payload_digest(model._ddpm_payload)
+
+    # a pre-fix DDPM given explicitly still loads, with a warning
+    with pytest.warns(UserWarning, match="pre-trained before the stage-1 fix"):
+        assert load_ddpm_payload(cache / "ddpm" / f"{old_key}.pt")["format"] == "rsfusion-bdgf-ddpm-v1"
+    with pytest.raises(ValueError, match=r"ddpm.masked_target must be one of \('x0', 'none'\), got 'eps'"):
+        tiny_bdgf(ddpm={"masked_target": "eps"})
+
+
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"ddpm: unknown keys \['base_width'\]"):
         tiny_bdgf(ddpm={"base_width": 8})
@@ -319,12 +415,13 @@ def test_configs_parse_without_their_data(name, capsys):
     model = printed["model"]
     assert model["class_path"] == ("lightning_modules.BDGFPretrain" if "pretrain" in name else "lightning_modules.BDGF")
     data = printed["data"]["init_args"]
-    if name != "bdgf_synthetic":
+    assert model["init_args"]["ddpm"]["masked_target"] == "x0"  # the corrected stage-1 objective, spelt out
+    if "synthetic" not in name:
         assert printed["data"]["class_path"] == "datamodules.RasterDataModule"
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
     if name in ("bdgf_augsburg", "bdgf_berlin"):
         assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}
         assert model["init_args"]["feature_timesteps"] == [50, 150] and model["init_args"]["pretrain_steps"] == 30000
         assert len(data["class_names"]) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
-    if name == "bdgf_pretrain_augsburg":
+    if name.startswith("bdgf_pretrain"):
         assert printed["test_after_fit"] is False and printed["trainer"]["gradient_clip_val"] == 1.0

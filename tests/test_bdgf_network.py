@@ -21,6 +21,7 @@ from lightning_modules.networks.bdgf_diffusion import (
     MultimodalDenoiserUNet,
     ddpm_training_loss,
     denoising_loss,
+    masked_diffusion_loss,
     draw_channel_mask,
     extract_feature_cube,
     feature_cube_channels,
@@ -223,15 +224,17 @@ def test_band_group_mask_hides_one_contiguous_group():
 
 
 # ------------------------------------------------------------------ stage 1: ablations train a step
-@pytest.mark.parametrize("mode, weighting, granularity, unet_kwargs", [
-    ("none", "per_modality", "modality", {}),
-    ("random_fixed", "per_modality", "modality", {}),
-    ("adaptive", "per_modality", "modality", {}),
-    ("adaptive", "per_channel", "modality", {}),
-    ("adaptive", "per_modality", "band_group", {}),
-    ("adaptive", "per_modality", "modality", {"mask_fill": "noise", "mask_indicator": "embedding"}),
+@pytest.mark.parametrize("mode, weighting, granularity, unet_kwargs, masked_target", [
+    ("none", "per_modality", "modality", {}, "x0"),
+    ("random_fixed", "per_modality", "modality", {}, "x0"),
+    ("adaptive", "per_modality", "modality", {}, "x0"),
+    ("adaptive", "per_modality", "modality", {}, "none"),
+    ("adaptive", "per_channel", "modality", {}, "x0"),
+    ("adaptive", "per_channel", "band_group", {}, "none"),
+    ("adaptive", "per_modality", "band_group", {}, "x0"),
+    ("adaptive", "per_modality", "modality", {"mask_fill": "noise", "mask_indicator": "embedding"}, "x0"),
 ])
-def test_stage1_ablation_switches_train(mode, weighting, granularity, unet_kwargs):
+def test_stage1_ablation_switches_train(mode, weighting, granularity, unet_kwargs, masked_target):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     net, sch = tiny_unet(**unet_kwargs), DiffusionSchedule(50)
@@ -241,7 +244,7 @@ def test_stage1_ablation_switches_train(mode, weighting, granularity, unet_kwarg
     for _ in range(3):
         modality_mask = ctrl.sample_mask(8, generator=g)
         channel_mask = draw_channel_mask(modality_mask, MODS, granularity, generator=g)
-        out = ddpm_training_loss(net, sch, x0, channel_mask, weighting, generator=g)
+        out = ddpm_training_loss(net, sch, x0, channel_mask, weighting, generator=g, masked_target=masked_target)
         opt.zero_grad()
         out["loss"].backward()
         ctrl.step(out["unmasked_modality_losses"])
@@ -262,6 +265,150 @@ def test_stage1_ablation_switches_train(mode, weighting, granularity, unet_kwarg
         opt.step()
     if mode == "adaptive":
         assert int(ctrl.num_updates) >= 1
+
+
+# ------------------------------------------------------------------ stage 1: the masked modality's target
+def correlated_tiles(count, seed, size=8):
+    """HSI-like 4-band smooth fields and a 2-band aux modality = fixed linear map of them + small noise."""
+    g = torch.Generator().manual_seed(seed)
+    hsi = 3 * F.avg_pool2d(F.pad(torch.randn(count, 4, size, size, generator=g), (1, 1, 1, 1), mode="circular"), 3, 1)
+    mixing = torch.tensor([[0.8, -0.5, 0.3, 0.1], [-0.2, 0.4, 0.7, -0.6]])
+    aux = torch.einsum("oc,bchw->bohw", mixing, hsi) + 0.05 * torch.randn(count, 2, size, size, generator=g)
+    return torch.cat([hsi, aux], dim=1)
+
+
+def _train_with_aux_masked(objective: str, steps: int) -> tuple[MultimodalDenoiserUNet, DiffusionSchedule]:
+    """A tiny UNet trained on correlated tiles with the aux modality hidden in every other sample."""
+    mods = {"hsi": 4, "aux": 2}
+    torch.manual_seed(0)
+    net = MultimodalDenoiserUNet(mods, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(),
+                                 stem_channels=4, norm_groups=4, dropout=0.0)
+    sch, g = DiffusionSchedule(50), torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    data = correlated_tiles(256, seed=0)
+    channel_mask = torch.zeros(16, 6, dtype=torch.bool)
+    channel_mask[::2, 4:] = True
+    for _ in range(steps):
+        x0 = data[torch.randint(0, 256, (16,), generator=g)]
+        if objective == "eps_everywhere":  # the pre-fix objective: the hidden channels' noise as target
+            t, noise = sch.sample_timesteps(16, generator=g), torch.randn(x0.shape, generator=g)
+            loss = denoising_loss(net(sch.q_sample(x0, t, noise), t, channel_mask=channel_mask), noise, mods)[0]
+        else:
+            loss = ddpm_training_loss(net, sch, x0, channel_mask, generator=g, masked_target=objective)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, sch
+
+
+def _masked_aux_errors(net, sch) -> tuple[float, float]:
+    """On unseen tiles with aux hidden everywhere: (aux x0 MSE / aux variance, aux eps MSE)."""
+    x0, g = correlated_tiles(64, seed=5), torch.Generator().manual_seed(9)
+    t, noise = sch.sample_timesteps(64, generator=g), torch.randn(x0.shape, generator=g)
+    channel_mask = torch.zeros(64, 6, dtype=torch.bool)
+    channel_mask[:, 4:] = True
+    with torch.no_grad():
+        pred = net(sch.q_sample(x0, t, noise), t, channel_mask=channel_mask)
+    aux, aux_pred = x0[:, 4:], pred[:, 4:]
+    x0_error = (aux_pred - aux).pow(2).mean() / aux.var(dim=(0, 2, 3), unbiased=False).mean()
+    return float(x0_error), float((aux_pred - noise[:, 4:]).pow(2).mean())
+
+
+def test_masked_modality_target_is_learnable_from_the_visible_one():
+    net, sch = _train_with_aux_masked("x0", steps=100)
+    x0_error, _ = _masked_aux_errors(net, sch)
+    # 1 = predicting the mean (and the floor of the old epsilon objective): the aux modality is
+    # reconstructed from the HSI it depends on
+    assert x0_error < 0.5, x0_error
+    # the loss reported for the masked half is in the same units and falls too
+    out = ddpm_training_loss(net, sch, correlated_tiles(16, seed=7), torch.tensor([[False] * 4 + [True] * 2] * 16),
+                             generator=torch.Generator().manual_seed(3))
+    assert float(out["masked_modality_losses"][1]) < 0.5 and torch.isnan(out["masked_modality_losses"][0])
+    assert torch.isnan(out["unmasked_modality_losses"][1])
+
+    # the pre-fix objective: the hidden aux channels' noise is independent of the network's input, so
+    # their epsilon loss cannot go below 1 (E[(f - eps)^2] = E[f^2] + 1), and nothing about aux is learnt
+    old, sch = _train_with_aux_masked("eps_everywhere", steps=40)
+    old_x0_error, old_eps_error = _masked_aux_errors(old, sch)
+    assert old_eps_error > 0.95 and old_x0_error > 0.9
+
+
+def _hand_batch():
+    """3 samples, hsi (2 bands) hidden in sample 0, sar (1 band) hidden in sample 1, 2 x 2 pixels."""
+    g = torch.Generator().manual_seed(0)
+    pred, noise, x0 = (torch.randn(3, 3, 2, 2, generator=g) for _ in range(3))
+    channel_mask = torch.tensor([[True, True, False], [False, False, True], [False, False, False]])
+    return pred.requires_grad_(), noise, x0, channel_mask
+
+
+def test_masked_target_none_drops_hidden_modalities_exactly():
+    pred, noise, x0, channel_mask = _hand_batch()
+    out = masked_diffusion_loss(pred, noise, x0, channel_mask, {"hsi": 2, "sar": 1}, masked_target="none")
+    sq = (pred.detach() - noise).pow(2)
+    hsi = (sq[1, :2].mean() + sq[2, :2].mean()) / 2  # the samples where hsi is visible
+    sar = (sq[0, 2].mean() + sq[2, 2].mean()) / 2
+    torch.testing.assert_close(out["modality_losses"], torch.stack([hsi, sar]))
+    torch.testing.assert_close(out["loss"].detach(), (hsi + sar) / 2)
+    torch.testing.assert_close(out["unmasked_modality_losses"], torch.stack([hsi, sar]))
+    out["loss"].backward()
+    assert (pred.grad[0, :2] == 0).all() and (pred.grad[1, 2] == 0).all()  # exactly no gradient
+    visible = ~channel_mask[:, :, None, None].expand_as(pred)
+    assert (pred.grad[visible] != 0).all()
+
+    # changing a hidden entry's target or prediction changes nothing
+    bumped_noise, bumped_pred = noise.clone(), pred.detach().clone()
+    bumped_noise[0, :2] += 5.0
+    bumped_pred[1, 2] -= 3.0
+    again = masked_diffusion_loss(bumped_pred, bumped_noise, x0, channel_mask, [2, 1], masked_target="none")
+    torch.testing.assert_close(again["loss"], out["loss"].detach())
+
+    # per-channel weighting: the mean over the visible elements
+    chan = masked_diffusion_loss(pred.detach(), noise, x0, channel_mask, [2, 1], "per_channel", "none")
+    torch.testing.assert_close(chan["loss"], sq[visible].mean())
+
+    # a modality hidden in every sample adds 0 (it has no samples to average over)
+    all_sar = torch.tensor([[False, False, True]] * 3)
+    only_hsi = masked_diffusion_loss(pred.detach(), noise, x0, all_sar, [2, 1], masked_target="none")
+    torch.testing.assert_close(only_hsi["loss"], sq[:, :2].mean() / 2)
+    assert only_hsi["modality_losses"][1] == 0 and torch.isnan(only_hsi["unmasked_modality_losses"][1])
+
+
+def test_masked_target_x0_hand_computation():
+    pred, noise, x0, channel_mask = _hand_batch()
+    out = masked_diffusion_loss(pred, noise, x0, channel_mask, {"hsi": 2, "sar": 1}, masked_target="x0")
+    p = pred.detach()
+    variance = x0.var(dim=(0, 2, 3), unbiased=False)  # per channel over the batch
+    target_sq = (p - noise).pow(2)
+    x0_sq = (p - x0).pow(2) / variance.view(1, -1, 1, 1)
+    target_sq[0, :2], target_sq[1, 2] = x0_sq[0, :2], x0_sq[1, 2]
+    hsi, sar = target_sq[:, :2].mean(), target_sq[:, 2].mean()
+    torch.testing.assert_close(out["loss"].detach(), (hsi + sar) / 2)
+    torch.testing.assert_close(out["masked_modality_losses"], torch.stack([x0_sq[0, :2].mean(), x0_sq[1, 2].mean()]))
+    eps_sq = (p - noise).pow(2)
+    torch.testing.assert_close(out["unmasked_modality_losses"],  # the controller's figure: as under "none"
+                               torch.stack([(eps_sq[1, :2].mean() + eps_sq[2, :2].mean()) / 2,
+                                            (eps_sq[0, 2].mean() + eps_sq[2, 2].mean()) / 2]))
+    out["loss"].backward()
+    assert (pred.grad != 0).all()
+    with pytest.raises(ValueError, match="masked_target must be one of"):
+        masked_diffusion_loss(p, noise, x0, channel_mask, [2, 1], masked_target="eps")
+
+
+def test_masked_target_none_leaves_a_fully_hidden_modality_untrained():
+    """Through the UNet: with sar hidden in every sample, its output rows get no gradient under none."""
+    x0, grads = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0)), {}
+    channel_mask = torch.zeros(4, 8, dtype=torch.bool)
+    channel_mask[:, 6:] = True
+    for target in ("none", "x0"):
+        torch.manual_seed(0)
+        net = tiny_unet()
+        out = ddpm_training_loss(net, DiffusionSchedule(50), x0, channel_mask,
+                                 generator=torch.Generator().manual_seed(1), masked_target=target)
+        out["loss"].backward()
+        grads[target] = (net.out[2].weight.grad, net.out[2].bias.grad)
+    weight, bias = grads["none"]
+    assert (weight[6:] == 0).all() and (bias[6:] == 0).all() and (weight[:6] != 0).any()
+    assert (grads["x0"][0][6:] != 0).any() and (grads["x0"][1][6:] != 0).all()
 
 
 # ------------------------------------------------------------------ stage 1b: feature cube

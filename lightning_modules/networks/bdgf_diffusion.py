@@ -4,7 +4,8 @@ BDGF (Liu et al., arXiv 2509.23310) pre-trains a multimodal DDPM with an *adapti
 masking* strategy so that the learned distribution is not dominated by the spectral image, then
 uses the frozen denoiser's features to guide a three-branch classifier (see ``bdgf.py``).
 
-Only the skeleton is the paper's (abstract): a multimodal DDPM, adaptive modality masking, and
+Only the skeleton is the paper's (abstract; the code it announces at github.com/HaoLiu-XDU/BDGF was
+not available to this project, and nothing here has been compared with it): a multimodal DDPM, adaptive modality masking, and
 diffusion features hierarchically guiding CNN/Mamba/Transformer branches. Everything below the
 skeleton is a reconstruction [R] or an rsfusion default [D] from ``specs/bdgf.md``; every such
 number is a constructor/function argument:
@@ -14,8 +15,11 @@ number is a constructor/function argument:
   GroupNorm(32)+SiLU, sinusoidal time embedding -> MLP (4 x base), self-attention at the deepest
   level (8x8 for 32x32 tiles), dropout 0.1 [D]; per-modality 1x1 input stems (32 ch each) [D];
 - masking: whole modalities on the UNet input, learned per-channel fill value, indicator channel
-  per modality stem, loss averaged per modality [R]; adaptation from relative loss progress with
-  EMA 0.99, windows of 200 steps, eta 0.05, p in [0.05, 0.5], start (0.3, 0.1) [D];
+  per modality stem, loss averaged per modality [R]; a masked modality's outputs predict its clean
+  x0 (``masked_target="x0"``, variance-normalised MSE) or add no loss (``"none"``), never its
+  noise, which the network cannot see [R, spec 4.2 corrected]; adaptation from relative progress of
+  the visible-sample epsilon loss with EMA 0.99, windows of 200 steps, eta 0.05, p in [0.05, 0.5],
+  start (0.3, 0.1) [D];
 - features: timesteps {50, 150} averaged, the three decoder levels, bilinear upsampling to tile
   resolution, tiles stitched with 50 % overlap [D].
 
@@ -36,6 +40,7 @@ __all__ = [
     "MultimodalDenoiserUNet",
     "ModalityMaskingController",
     "denoising_loss",
+    "masked_diffusion_loss",
     "draw_channel_mask",
     "ddpm_training_loss",
     "scene_noise",
@@ -52,6 +57,10 @@ MASK_INDICATORS = ("channel", "embedding", "both")
 CRITERIA = ("loss_progress", "grad_norm")
 BLENDS = ("mean", "center")
 TIMESTEP_REDUCTIONS = ("mean", "concat")
+MASKED_TARGETS = ("x0", "none")
+# Smallest per-channel x0 variance used to normalise the masked channels' x0 loss: keeps a channel
+# that is (nearly) constant over a batch from blowing the loss up [D].
+X0_VARIANCE_FLOOR = 1e-3
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -323,7 +332,11 @@ class MultimodalDenoiserUNet(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, channel_mask: Tensor | None = None,
                 return_features: bool = False, feature_levels: Sequence[int] | None = None):
-        """Predict the noise. x_t (B, C, H, W), t (B,) int -> eps (B, C, H, W) [, {level: map}]."""
+        """Predict the noise. x_t (B, C, H, W), t (B,) int -> eps (B, C, H, W) [, {level: map}].
+
+        Channels hidden by ``channel_mask`` are trained to predict their clean x0 instead when
+        ``masked_target="x0"`` (see :func:`masked_diffusion_loss`).
+        """
         if x_t.dim() != 4 or x_t.shape[1] != self.in_channels:
             raise ValueError(f"x_t must be (B, {self.in_channels}, H, W), got {tuple(x_t.shape)}")
         if x_t.shape[-2] % self.downsample_factor or x_t.shape[-1] % self.downsample_factor:
@@ -424,34 +437,99 @@ def draw_channel_mask(modality_mask: Tensor, modality_channels: Mapping[str, int
     return torch.cat(parts, dim=1)
 
 
+def masked_diffusion_loss(pred: Tensor, noise: Tensor, x0: Tensor, channel_mask: Tensor | None,
+                          modality_channels: Mapping[str, int] | Sequence[int], weighting: str = "per_modality",
+                          masked_target: str = "x0") -> dict[str, Tensor]:
+    """The stage-1 loss of one batch, with hidden (masked) input channels handled by ``masked_target``.
+
+    pred, noise, x0 (B, C, H, W), modalities stacked along C; channel_mask (B, C) bool (None: nothing
+    hidden). Visible channels are trained on the usual epsilon target. A hidden channel's noise is
+    independent of everything the network sees (its x_t is replaced), so epsilon is no target for it
+    (best prediction 0, loss floor 1) [R, spec 4.2 corrected]. Instead:
+
+    - ``"x0"`` (default): the hidden channels' outputs predict the clean x0 (cross-modal
+      reconstruction from the visible modalities). Their squared error is divided by the channel's
+      variance over the batch (detached, floored at :data:`X0_VARIANCE_FLOOR`), so predicting the
+      mean scores 1, the same scale as the epsilon loss whose "predict 0" baseline is 1, whatever the
+      DataModule's normalisation [D];
+    - ``"none"``: hidden channels add nothing (zero loss and gradient); each modality's loss L_m
+      averages over its visible elements only (for whole-modality masking: the samples where m is
+      visible), and is 0 when m is hidden in every sample of the batch.
+
+    ``weighting="per_modality"`` [R]: loss = (1/M) sum_m L_m, L_m the mean over the batch's elements of
+    modality m that carry a target; ``"per_channel"``: the mean over all such elements.
+
+    Returns ``loss``; ``modality_losses`` (M,) the L_m; ``unmasked_modality_losses`` (M,) the
+    epsilon MSE of each modality averaged over the samples where it is fully visible (NaN if none),
+    the same quantity under every ``masked_target`` and what the masking controller reads;
+    ``masked_modality_losses`` (M,) the variance-normalised x0 MSE of each modality's hidden
+    channels averaged over the samples where some are hidden (NaN if none; with ``"none"`` the
+    network is not trained on it, and it is still reported as a diagnostic).
+    """
+    _check_choice("weighting", weighting, LOSS_WEIGHTINGS)
+    _check_choice("masked_target", masked_target, MASKED_TARGETS)
+    sizes = _split_sizes(modality_channels)
+    if not pred.shape == noise.shape == x0.shape or x0.shape[1] != sum(sizes):
+        raise ValueError(f"pred {tuple(pred.shape)}, noise {tuple(noise.shape)} and x0 {tuple(x0.shape)} must "
+                         f"match, with {sum(sizes)} channels")
+    b = x0.shape[0]
+    if channel_mask is None:
+        channel_mask = torch.zeros(b, x0.shape[1], dtype=torch.bool, device=x0.device)
+    hidden = channel_mask[:, :, None, None].expand_as(x0)
+    eps_sq = (pred - noise).pow(2)
+    x0_var = x0.detach().transpose(0, 1).flatten(1).var(dim=1, unbiased=False)
+    x0_sq = (pred - x0).pow(2) / x0_var.clamp(min=X0_VARIANCE_FLOOR).view(1, -1, 1, 1)
+    if masked_target == "x0":
+        sq, counted = torch.where(hidden, x0_sq, eps_sq), torch.ones_like(hidden)
+    else:
+        sq, counted = torch.where(hidden, torch.zeros_like(eps_sq), eps_sq), ~hidden
+
+    def per_modality(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, M) sums of values * weights over each modality's elements, and the weights' sums."""
+        sums = [(v * w).flatten(1).sum(dim=1) for v, w in zip(values.split(sizes, dim=1), weights.split(sizes, dim=1))]
+        counts = [w.flatten(1).sum(dim=1) for w in weights.split(sizes, dim=1)]
+        return torch.stack(sums, dim=1), torch.stack(counts, dim=1)
+
+    counted_f = counted.to(sq.dtype)
+    sums, counts = per_modality(sq, counted_f)
+    modality_losses = sums.sum(dim=0) / counts.sum(dim=0).clamp(min=1)
+    if weighting == "per_modality":
+        loss = modality_losses.mean()
+    else:
+        loss = sums.sum() / counts.sum().clamp(min=1)
+
+    def over_samples(per_sample: Tensor, include: Tensor) -> Tensor:
+        n = include.sum(dim=0)
+        mean = (per_sample * include).sum(dim=0) / n.clamp(min=1)
+        return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+
+    with torch.no_grad():
+        visible = ~torch.stack([part.any(dim=1) for part in channel_mask.split(sizes, dim=1)], dim=1)
+        eps_sums, eps_counts = per_modality(eps_sq, torch.ones_like(eps_sq))
+        x0_sums, x0_counts = per_modality(x0_sq, hidden.to(x0_sq.dtype))
+        unmasked = over_samples(eps_sums / eps_counts, visible)
+        masked = over_samples(x0_sums / x0_counts.clamp(min=1), x0_counts > 0)
+    return {"loss": loss, "modality_losses": modality_losses.detach(), "unmasked_modality_losses": unmasked,
+            "masked_modality_losses": masked}
+
+
 def ddpm_training_loss(denoiser: MultimodalDenoiserUNet, schedule: DiffusionSchedule, x0: Tensor,
                        channel_mask: Tensor | None = None, weighting: str = "per_modality",
-                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                       generator: torch.Generator | None = None, masked_target: str = "x0") -> dict[str, Tensor]:
     """One sampling-free DDPM training loss: random t, random eps, q_sample, predict, balanced MSE.
 
-    x0 (B, C, H, W) stacked modalities; channel_mask (B, C) bool (hidden input channels; their eps
-    stays a target, so the net must infer them from the other modalities [R]). Returns
-    ``loss`` (scalar), ``modality_losses`` (M,) mean over the batch, ``unmasked_modality_losses``
-    (M,) mean over the samples in which that modality was fully visible (NaN if none; this is what
-    the masking controller tracks), and ``t`` (B,).
+    x0 (B, C, H, W) stacked modalities; channel_mask (B, C) bool (input channels hidden from the
+    network). The loss and the returned per-modality figures are :func:`masked_diffusion_loss`'s
+    (hidden channels predict x0 or add nothing, per ``masked_target``), plus ``t`` (B,).
     """
     b = x0.shape[0]
     t = schedule.sample_timesteps(b, generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     x_t = schedule.q_sample(x0, t, noise)
-    eps_pred = denoiser(x_t, t, channel_mask=channel_mask)
-    loss, per_sample = denoising_loss(eps_pred, noise, denoiser.modality_channels, weighting)
-    if channel_mask is None:
-        visible = torch.ones_like(per_sample, dtype=torch.bool)
-    else:
-        sizes = list(denoiser.modality_channels.values())
-        visible = torch.stack([~part.any(dim=1) for part in channel_mask.split(sizes, dim=1)], dim=1)
-    detached = per_sample.detach()
-    counts = visible.sum(dim=0)
-    unmasked = torch.where(counts > 0, (detached * visible).sum(dim=0) / counts.clamp(min=1),
-                           torch.full_like(counts, float("nan"), dtype=detached.dtype))
-    return {"loss": loss, "modality_losses": detached.mean(dim=0),
-            "unmasked_modality_losses": unmasked, "t": t}
+    pred = denoiser(x_t, t, channel_mask=channel_mask)
+    out = masked_diffusion_loss(pred, noise, x0, channel_mask, denoiser.modality_channels, weighting, masked_target)
+    out["t"] = t
+    return out
 
 
 class ModalityMaskingController(nn.Module):
@@ -462,7 +540,10 @@ class ModalityMaskingController(nn.Module):
     are never masked at once [R]. Modes (spec section 4.3): ``"none"`` (p = 0), ``"random_fixed"``
     (p = ``initial_probabilities`` forever) and ``"adaptive"`` [D]:
 
-    - ``step(losses)`` feeds each modality's *unmasked* loss; an EMA (``ema_momentum``) smooths it;
+    - ``step(losses)`` feeds each modality's *unmasked* loss (the stage-1 code feeds the epsilon MSE
+      over the samples where the modality is visible: the same quantity under every
+      ``masked_target``, never mixed with the masked samples' x0 loss, whose share would follow the
+      masking probability itself); an EMA (``ema_momentum``) smooths it;
     - every ``window`` steps, r_m = EMA_m(window start) / EMA_m(now) is modality m's relative
       improvement and rho_m = r_m / mean_{j != m} r_j its imbalance ratio (> 1: m learns faster,
       i.e. dominates);
