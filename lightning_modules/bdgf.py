@@ -363,6 +363,9 @@ class BDGFPretrain(FusionClassifier):
                  ema_decay: float = 0.999, dense: bool = False, lr: float = 1e-4, weight_decay: float = 0.0,
                  scheduler: Literal["cosine", "step_decay", "none"] = "none", **kwargs):
         super().__init__(dense=dense, lr=lr, weight_decay=weight_decay, scheduler=scheduler, **kwargs)
+        if self.hparams.label_smoothing or self.hparams.class_weights is not None:
+            raise InputError("BDGFPretrain trains a DDPM without labels: label_smoothing and class_weights do not "
+                             "apply (set them on BDGF, stage 3)")
         self.dense_output = dense
         self.diffusion = BDGFDiffusion(self.in_channels, ddpm)
         factor = self.diffusion.denoiser.downsample_factor
@@ -600,6 +603,10 @@ class BDGF(FusionClassifier):
         missing = {b: lvl for b, lvl in self.guide_levels.items() if lvl not in widths}
         if missing:
             raise ValueError(f"guide_levels {missing} must be among feature_levels {self.feature_levels}")
+        unused = sorted(set(self.feature_levels) - set(self.guide_levels.values()))
+        if unused:
+            raise ValueError(f"feature_levels {unused} would be extracted and cached but no branch reads them "
+                             f"(guide_levels {self.guide_levels}): drop them from feature_levels")
         self.guide_levels = {b: self.feature_levels.index(lvl) for b, lvl in self.guide_levels.items()}
         return list(widths.values())
 

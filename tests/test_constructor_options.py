@@ -125,14 +125,12 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
         ("pretrain_grad_clip", 1e-3, {}, "changes"),
         ("pretrain_seed", 1, {}, "changes"),
         ("feature_timesteps", [20], {}, "changes"),
-        # the decoder levels extracted into the bank; guide_levels picks among them (a level no branch
-        # uses costs extraction time only), so changing them alone either keeps or breaks the guides
+        # the decoder levels extracted into the bank; guide_levels picks among them, and a level no
+        # branch reads is refused (it would only cost extraction time)
         ("feature_levels", [0], {}, ("refused", r"guide_levels \{'mamba': 1, 'transformer': 1\} must be among "
                                                r"feature_levels \[0\]")),
-        ("feature_levels", [0], {"guide_levels": {"cnn": 0, "mamba": 0, "transformer": 0}},
-         ("xfail", "BDGF extracts and caches every feature_levels entry, also those no guide_levels branch uses: "
-                   "an unused level is accepted and changes nothing (lightning_modules/bdgf.py should refuse it or "
-                   "derive the levels from guide_levels)")),
+        ("feature_levels", [0, 1], {"guide_levels": {"cnn": 0, "mamba": 0, "transformer": 0}},
+         ("refused", r"feature_levels \[1\] would be extracted and cached but no branch reads them")),
         ("feature_tile", 16, {}, "changes"),
         ("feature_overlap", 0, {}, "changes"),
         ("feature_seed", 1, {}, "changes"),
@@ -162,13 +160,14 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
 # Options of FusionClassifier whose effect goes through methods each model may override (the loss,
 # parameter_groups): exercised for every model.
 PER_MODEL = [("weight_decay", 0.5), ("label_smoothing", 0.3), ("class_weights", "per-class")]
-REFUSED_PER_MODEL = {("BDGF", "class_weights"): r"class_weights: not supported by BDGF's loss"}
-XFAIL_PER_MODEL = {
-    ("BDGFPretrain", "label_smoothing"): "BDGFPretrain trains a DDPM (no classification loss): label_smoothing is "
-                                         "accepted and ignored; lightning_modules/bdgf.py should refuse it",
-    ("BDGFPretrain", "class_weights"): "BDGFPretrain trains a DDPM (no classification loss): class_weights is "
-                                       "accepted and ignored; lightning_modules/bdgf.py should refuse it",
+REFUSED_PER_MODEL = {
+    ("BDGF", "class_weights"): r"class_weights: not supported by BDGF's loss",
+    ("BDGFPretrain", "label_smoothing"): r"BDGFPretrain trains a DDPM without labels: label_smoothing and "
+                                         r"class_weights do not apply",
+    ("BDGFPretrain", "class_weights"): r"BDGFPretrain trains a DDPM without labels: label_smoothing and "
+                                       r"class_weights do not apply",
 }
+XFAIL_PER_MODEL: dict[tuple[str, str], str] = {}
 # Used only by FusionClassifier.configure_optimizers (which no model overrides): exercised on TwoBranchCNN.
 OPTIMISER_OPTIONS = {"lr", "optimizer", "scheduler", "warmup_steps", "step_decay_gamma"}
 LINKED = "linked from the DataModule by the CLI (data.{0} -> model.{0}): the data decides it, not the model section"
