@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from datamodules.feature_bank import load_bank
+from datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
 from datamodules.raster import RasterDataModule
 from datamodules.synthetic import ensure_scene
 from lightning_modules import BDGF, BDGFPretrain
@@ -286,6 +287,7 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
     config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
+    config["data"]["class_path"] = "datamodules.RasterDataModule"  # the scene's own files, not a release layout
     config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
                                    "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
                                    "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4,
@@ -416,12 +418,17 @@ def test_configs_parse_without_their_data(name, capsys):
     assert model["class_path"] == ("lightning_modules.BDGFPretrain" if "pretrain" in name else "lightning_modules.BDGF")
     data = printed["data"]["init_args"]
     assert model["init_args"]["ddpm"]["masked_target"] == "x0"  # the corrected stage-1 objective, spelt out
-    if "synthetic" not in name:
+    if "template" in name:  # your own rasters, relative paths
         assert printed["data"]["class_path"] == "datamodules.RasterDataModule"
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
+    elif "synthetic" not in name:  # a release DataModule that finds the files under a relative root
+        release = "Berlin" if "berlin" in name else "Augsburg"
+        assert printed["data"]["class_path"] == f"datamodules.{release}DataModule"
+        assert not Path(data["root"]).is_absolute() and data["use"] in (None, ["hsi", "sar"])
     if name in ("bdgf_augsburg", "bdgf_berlin"):
         assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}
         assert model["init_args"]["feature_timesteps"] == [50, 150] and model["init_args"]["pretrain_steps"] == 30000
-        assert len(data["class_names"]) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
+        classes = {"bdgf_augsburg": AugsburgDataModule, "bdgf_berlin": BerlinDataModule}[name].classes
+        assert len(data["class_names"] or classes) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
     if name.startswith("bdgf_pretrain"):
         assert printed["test_after_fit"] is False and printed["trainer"]["gradient_clip_val"] == 1.0
