@@ -250,3 +250,26 @@ def test_probability_maps_under_ddp_equal_one_process(trained):
     for one, ddp in zip(maps["one"], maps["ddp"]):
         np.testing.assert_array_equal(one, ddp)
     assert maps["ddp"][1].shape == (6, 36, 44) and not list((tmp / "ddp_ddp").glob(".*parts"))
+
+
+def test_the_shipped_predict_config_maps_the_readme_scene(trained, tmp_path, monkeypatch):
+    """configs/predict/new_scene.yaml, as the README runs it from a checkout after ``fit --config demo.yaml``."""
+    import shutil
+
+    from datamodules import make_scene
+
+    _, _, ckpt, _ = trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo" / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt")
+    scene = make_scene.main(["--seed", "1", "--height", "100", "--width", "140"])
+    main(["predict", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "predict" / "new_scene.yaml"),
+          "--trainer.enable_progress_bar", "false"])
+    maps = tmp_path / "runs" / "scene_b" / "maps"
+    with rasterio.open(maps / "classification_map.tif") as src, rasterio.open(scene["hsi"]) as hsi:
+        assert src.shape == (100, 140) and src.transform == hsi.transform and src.crs == hsi.crs
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    with rasterio.open(maps / "classification_map_confidence.tif") as src:
+        assert src.descriptions == ("max probability", "margin (top1 - top2 probability)")
+    with rasterio.open(maps / "classification_map_probabilities.tif") as src:
+        assert src.count == 6 and src.descriptions == tuple(HSI_CLASSES)
