@@ -51,6 +51,10 @@ class RSFusionCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         """For ``predict --ckpt_path``, parse once more with the checkpoint's options as defaults."""
+        if "predict" in getattr(self, "_subcommand_parsers", {}):
+            # the map writer has every prediction on disk: keeping them all in memory too would defeat
+            # memory-flat prediction of large scenes (Lightning's default is True)
+            self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
         inputs = self._predict_checkpoint(parser, args)
         if inputs is not None:
             defaults = {"data": {"class_path": "datamodules.RasterDataModule", "init_args": inputs.data}}
@@ -76,8 +80,8 @@ class RSFusionCLI(LightningCLI):
                 hasattr(args, "as_dict"):
             return None
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                peek = parser.parse_args(args, _skip_validation=True)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                peek = parser.parse_args(args, _skip_validation=True)  # --help, --print_config: printed once, later
         except (ArgumentError, SystemExit, ValueError, TypeError):
             return None  # the real parse reports it
         if peek.get("subcommand") != "predict":
