@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
+from datamodules.checkpoint_inputs import check_modalities, input_options
 from datamodules.io import InputError, RasterError, is_gdal_raster, read_header
 from datamodules.augment import Augment, BatchAugmenter, batch_generator
 from datamodules.label_sources import ClassMap, read_split_labels
@@ -63,7 +64,8 @@ class RasterDataModule(L.LightningDataModule):
             unlabelled, 1..K = classes. Without ``val_labels`` a stratified validation split of
             ``val_fraction`` is taken from the training labels in spatial blocks of
             ``split_block_size`` pixels; ``val_fraction: 0`` keeps every training pixel for training,
-            runs no validation loop, and the run keeps its last epoch.
+            runs no validation loop, and the run keeps its last epoch. No label map at all: a scene to predict only (``class_names``
+            then fixes K; ``lightning predict --ckpt_path`` takes them from the checkpoint).
         labels: a single label map instead of train/test maps: split into spatially disjoint blocks
             (``test_fraction`` for test), with a guard band of ``guard`` pixels (default: half a patch)
             removed from training around test blocks; or, with ``train_per_class``, by per-class
@@ -169,8 +171,9 @@ class RasterDataModule(L.LightningDataModule):
                              f"{patch_size + 1}, or set allow_even_patch: true (pixel at index {(patch_size - 1) // 2})")
         if predict_window is not None and predict_window < 1:
             raise InputError(f"predict_window must be a positive number of pixels, got {predict_window}")
-        if (labels is None) == (train_labels is None and test_labels is None) or \
-                (labels is None and (train_labels is None or test_labels is None)):
+        unlabelled = all(p is None for p in (labels, train_labels, test_labels, val_labels))
+        if not unlabelled and ((labels is None) == (train_labels is None and test_labels is None) or
+                               (labels is None and (train_labels is None or test_labels is None))):
             raise ValueError("give either train_labels and test_labels, or a single labels map to split")
         self.modalities = dict(modalities)
         self.sampling, self.patch_size, self.train_stride = sampling, patch_size, train_stride
@@ -196,6 +199,9 @@ class RasterDataModule(L.LightningDataModule):
         maps = self._read_label_maps({"train": train_labels, "test": test_labels, "val": val_labels, "all": labels},
                                      label_map, label_nodata, class_map, coordinate_base)
         fixed_k = len(self.class_names) if self.class_names else None
+        if unlabelled and fixed_k is None:
+            raise InputError(f"{', '.join(self.modalities.values())}: no label maps and no class_names; give "
+                             "class_names to predict (or --ckpt_path, which supplies them), label maps to train")
         self.num_classes = fixed_k or int(max(label_map.values()) if label_map else max(m.max() for m in maps.values()))
         if self.num_classes < 1:
             raise RasterError(f"{labels or train_labels}: no labelled pixel (0 = unlabelled, 1..K = classes)")
@@ -203,15 +209,18 @@ class RasterDataModule(L.LightningDataModule):
             self.class_names = [f"class {k}" for k in range(1, self.num_classes + 1)]
         self.palette = [tuple(c) for c in palette] if palette else \
             [DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(self.num_classes)]
+        self.scene: Scene | None = None
+        self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
+        self.label_maps: dict[str, np.ndarray] | None = None  # None: a scene to predict only
+        self._init_training_options(pad_mode, augment)
+        if unlabelled:
+            return
 
         self._labels_digest = _digest(maps)
         self.guard_removed: np.ndarray | None = None  # per class: test pixels the per-class guard band removed
         self.label_maps = self._split(maps, train_per_class, val_fraction, test_fraction, split_block_size,
                                       patch_size // 2 if guard is None else guard, seed)
         self._check_splits(self.label_maps, train_labels or labels, test_labels or labels, fixed_k is not None)
-        self.scene: Scene | None = None
-        self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
-        self._init_training_options(pad_mode, augment)
 
     def _init_training_options(self, pad_mode: str, augment: Augment | None) -> None:
         if pad_mode not in ("reflect", "zero"):
@@ -299,7 +308,7 @@ class RasterDataModule(L.LightningDataModule):
     @property
     def has_validation(self) -> bool:
         """False with ``val_fraction: 0`` and no ``val_labels``: no validation loop, the last epoch is kept."""
-        return "val" in self.label_maps
+        return self.label_maps is not None and "val" in self.label_maps
 
     @property
     def in_channels(self) -> dict[str, int]:
@@ -336,23 +345,32 @@ class RasterDataModule(L.LightningDataModule):
         return self.scene
 
     def _fit_mask(self) -> np.ndarray | None:
-        return self.label_maps["train"] > 0 if self.hparams.normalize_on == "train" else None
+        if self.hparams.normalize_on != "train":
+            return None
+        if self.label_maps is None:
+            raise InputError(f"{self.reference.path}: normalize_on: train needs training labels or the statistics "
+                             "of a checkpoint (--ckpt_path)")
+        return self.label_maps["train"] > 0
 
     def state_dict(self) -> dict:
-        """The fitted normalisation goes into checkpoints, so prediction normalises as training did; the
-        split's fingerprint too, so a checkpoint is never tested on another split of the same labels."""
-        state = {"split": {"seed": int(self.hparams.seed), "labels": self._labels_digest,
-                           "split": _digest(self.label_maps)}}
+        """The fitted normalisation goes into checkpoints, so prediction normalises as training did; what a
+        new scene must look like (``lightning predict --ckpt_path``); and the split's fingerprint, so a
+        checkpoint is never tested on another split of the same labels."""
+        state = {}
+        if self.label_maps is not None:
+            state["split"] = {"seed": int(self.hparams.seed), "labels": self._labels_digest,
+                              "split": _digest(self.label_maps)}
         if self.normalizers is not None:
             # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
             state["normalizers"] = {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
                                     for name, n in self.normalizers.items()}
+            state["input"] = input_options(self)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         split = state_dict.get("split")
         predicting = self.trainer is not None and self.trainer.predicting  # a map does not use the split
-        if split and not predicting and split["labels"] == self._labels_digest \
+        if split and not predicting and self.label_maps is not None and split["labels"] == self._labels_digest \
                 and split["split"] != _digest(self.label_maps):
             raise InputError(f"{self.hparams.labels or self.hparams.train_labels}: the checkpoint was trained on "
                              f"another split of these labels (split seed {split['seed']}, here {self.hparams.seed}): "
@@ -362,6 +380,8 @@ class RasterDataModule(L.LightningDataModule):
             return
         saved = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
                  for name, s in state_dict["normalizers"].items()}
+        check_modalities({name: len(n.stats.offset) for name, n in saved.items()}, self._bands, self.modalities,
+                         "the checkpoint's normalisation")
         if self.scene is not None:  # already normalised with its own statistics: say if they differ
             for name, normalizer in saved.items():
                 if not _same_normalizer(normalizer, self.scene.normalizers.get(name)):
@@ -371,8 +391,11 @@ class RasterDataModule(L.LightningDataModule):
         self.normalizers = saved
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.hparams.predict_window:
-            return  # windows are read when prediction starts, after the checkpoint's normalisation is restored
+        if self.label_maps is None and stage != "predict":
+            raise InputError(f"{getattr(stage, 'value', stage) or 'setup'} needs label maps: give train_labels and test_labels (or labels); "
+                             f"{', '.join(self.modalities.values())} without labels can only be predicted")
+        if stage == "predict" and (self.hparams.predict_window or (self.scene is None and self.trainer is not None)):
+            return  # read when prediction starts, after the checkpoint's normalisation is restored
         self.load()
         if stage in (None, "fit"):
             self.train_dataset = self._dataset("train")
@@ -478,7 +501,14 @@ class RasterDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        if self.hparams.predict_window:
+        if self.scene is None and not self.hparams.predict_window and self.normalizers is not None:
+            # normalised with the checkpoint's statistics: the model sees this scene as it saw its training scene
+            source = SceneSource(self.modalities, self.ratios, self.shape, self.hparams.nodata or {},
+                                 self.hparams.pad_mode)
+            self.scene = source.scene((0, self.shape[0], 0, self.shape[1]), self.patch_size, self.normalizers)
+        elif self.scene is None and not self.hparams.predict_window:
+            self.load()
+        if self.hparams.predict_window or not hasattr(self, "predict_dataset"):
             self.predict_dataset = self._predict_dataset()
         return DataLoader(self.predict_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
                           collate_fn=collate)

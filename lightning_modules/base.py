@@ -19,6 +19,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
 
+from datamodules.checkpoint_inputs import check_modalities
 from datamodules.io import InputError
 from datamodules.sampling import IGNORE_INDEX
 
@@ -73,6 +74,7 @@ class FusionClassifier(L.LightningModule):
     flexible_output: bool = False  # True for models that can do either (set dense_output per instance)
     # True for networks with parameters that never reach the loss (DDP must then look for them each step)
     has_unused_parameters: bool = False
+    predict_probabilities: bool = False  # predict_step also returns class probabilities (set by map writers)
 
     def __init__(
         self,
@@ -161,10 +163,14 @@ class FusionClassifier(L.LightningModule):
         # Runs before the weights are loaded: a data/checkpoint band mismatch is one clear line,
         # not a load_state_dict size error.
         saved = checkpoint.get("hyper_parameters", {})
-        for key, current in (("in_channels", self.in_channels), ("num_classes", self.num_classes)):
-            expected = saved.get(key)
-            if expected is not None and (dict(expected) if key == "in_channels" else expected) != current:
-                raise InputError(f"the checkpoint was trained with {key}={expected!r}, the data gives {current!r}")
+        if saved.get("in_channels") is not None:
+            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            check_modalities(dict(saved["in_channels"]), self.in_channels, getattr(dm, "modalities", None),
+                             what="channels")
+        expected = saved.get("num_classes")
+        if expected is not None and expected != self.num_classes:
+            raise InputError(f"the checkpoint was trained with num_classes={expected!r}, the data gives "
+                             f"{self.num_classes!r}")
         states = checkpoint.get("rng_states")
         if states is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(states["torch"])
@@ -217,7 +223,12 @@ class FusionClassifier(L.LightningModule):
             metric.reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Batch:
-        out = {"pred": self.predict_logits(batch).argmax(1)}
+        """Classes (``pred``, 0..K-1), and class probabilities (``probs``, softmax of
+        :meth:`predict_logits`) when a map writer sets ``predict_probabilities``."""
+        logits = self.predict_logits(batch)
+        out = {"pred": logits.argmax(1)}
+        if self.predict_probabilities:
+            out["probs"] = logits.float().softmax(1)
         for key in ("index", "origin", "owned"):
             if key in batch:
                 out[key] = batch[key]

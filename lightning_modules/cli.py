@@ -1,9 +1,13 @@
 """The ``lightning`` / ``rsfusion`` command: a LightningCLI over the suite's models and DataModules."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -12,16 +16,25 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import datamodules  # noqa: F401  (registers the DataModules for short class names)
 import lightning_modules  # noqa: F401  (registers the models)
-from datamodules.io import InputError
+from datamodules.checkpoint_inputs import CheckpointInputs, read_checkpoint_inputs
+from datamodules.io import InputError, read_header
 from datamodules.raster import RasterDataModule
 from lightning_modules.base import FusionClassifier
-from lightning_modules.maps import ensure_map_writer
+from lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
 from lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
                                          make_wandb_logger)
 
 
 class RSFusionCLI(LightningCLI):
-    """LightningCLI whose DataModule tells the model its band counts, class count and class names."""
+    """LightningCLI whose DataModule tells the model its band counts, class count and class names.
+
+    ``predict --ckpt_path``: the checkpoint's model class and DataModule options (patch size,
+    sampling, normalisation, class names, palette, modality order...) are the defaults of the data
+    options, so ``--data '{modalities: {...}}'`` alone maps a new, unlabelled scene; anything given
+    on the command line or in a config wins. ``--map.*`` sets what the map carries.
+    """
+
+    checkpoint_inputs: CheckpointInputs | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
@@ -34,6 +47,47 @@ class RSFusionCLI(LightningCLI):
         parser.add_argument("--map_after_fit", type=bool, default=True,
                             help="after fit, write the full-scene classification map (GeoTIFF + PNG)")
         parser.add_class_arguments(WandbOptions, "wandb")
+        parser.add_lightning_class_args(ClassificationMapWriter, "map")
+
+    def parse_arguments(self, parser, args) -> None:
+        """For ``predict --ckpt_path``, parse once more with the checkpoint's options as defaults."""
+        if "predict" in getattr(self, "_subcommand_parsers", {}):
+            # the map writer has every prediction on disk: keeping them all in memory too would defeat
+            # memory-flat prediction of large scenes (Lightning's default is True)
+            self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
+        inputs = self._predict_checkpoint(parser, args)
+        if inputs is not None:
+            defaults = {"data": {"class_path": "datamodules.RasterDataModule", "init_args": inputs.data}}
+            if inputs.model_class:
+                defaults["model"] = {"class_path": inputs.model_class}
+            self._subcommand_parsers["predict"].set_defaults(defaults)
+            self.checkpoint_inputs = inputs
+        super().parse_arguments(parser, args)
+        if inputs is not None:
+            given = self.config["predict"]["data"].get("init_args") or {}
+            same = {k: k in given and _plain(given[k]) == _plain(v) for k, v in inputs.data.items()}
+            taken = {k: v for k, v in inputs.data.items() if same[k]}
+            changed = {k: given[k] for k in inputs.data if k in given and not same[k]}
+            rank_zero_info(f"Data options from the checkpoint {inputs.path}: "
+                           + ", ".join(f"{k}={v!r}" for k, v in taken.items()))
+            if changed:
+                rank_zero_info("Data options given instead of the checkpoint's: " + ", ".join(
+                    f"{k}={v!r} (checkpoint: {inputs.data[k]!r})" for k, v in changed.items()))
+
+    def _predict_checkpoint(self, parser, args) -> CheckpointInputs | None:
+        """The checkpoint of a ``predict --ckpt_path`` command, read from a lenient first parse."""
+        if "predict" not in getattr(self, "_subcommand_parsers", {}) or isinstance(args, dict) or \
+                hasattr(args, "as_dict"):
+            return None
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                peek = parser.parse_args(args, _skip_validation=True)  # --help, --print_config: printed once, later
+        except (ArgumentError, SystemExit, ValueError, TypeError):
+            return None  # the real parse reports it
+        if peek.get("subcommand") != "predict":
+            return None
+        ckpt = peek["predict"].get("ckpt_path")
+        return read_checkpoint_inputs(ckpt) if ckpt and Path(ckpt).is_file() else None
 
     def before_instantiate_classes(self) -> None:
         """The data split seed follows ``seed_everything`` unless ``data.init_args.seed`` is set. Plain DDP
@@ -41,11 +95,23 @@ class RSFusionCLI(LightningCLI):
         (``ddp_find_unused_parameters_true``)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         follow_run_seed(config)
+        if self.checkpoint_inputs is not None and self.subcommand == "predict":
+            self._checkpoint_modality_order(config["data"].get("init_args") or {})
         model_class = _import_class(config["model"]["class_path"])
         if config["trainer"].get("strategy") == "ddp" and getattr(model_class, "has_unused_parameters", False):
             config["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
             rank_zero_info(f"{model_class.__name__} has parameters without gradient: using strategy "
                            "ddp_find_unused_parameters_true instead of ddp")
+
+    def _checkpoint_modality_order(self, data) -> None:
+        """The model takes the modalities in the checkpoint's order: given by name, they are put in it."""
+        given, order = data.get("modalities"), list(self.checkpoint_inputs.in_channels)
+        if not given:
+            return
+        if set(given) == set(order) and list(given) != order:
+            given = data["modalities"] = {name: given[name] for name in order}
+            rank_zero_info(f"Modalities put in the checkpoint's order: {', '.join(order)}")
+        self.checkpoint_inputs.checked(given, {name: read_header(path).bands for name, path in given.items()})
 
     def instantiate_trainer(self, **kwargs):
         """The configured Trainer plus the optional W&B logger, a learning-rate monitor and the test report."""
@@ -65,9 +131,17 @@ class RSFusionCLI(LightningCLI):
             trainer.callbacks.append(TestReport())
         if not getattr(self.datamodule, "has_validation", True):
             keep_last_epoch(trainer)
+        writers = [cb for cb in trainer.callbacks if isinstance(cb, ClassificationMapWriter)]
+        if len(writers) > 1:  # one in the config's trainer.callbacks: it wins over the --map options
+            cli_writer = self._get(self.config_init, "map")
+            trainer.callbacks.remove(cli_writer)
+            rank_zero_warn("trainer.callbacks has a ClassificationMapWriter: the --map options are not used")
         return trainer
 
     def before_predict(self) -> None:
+        inputs, dm = self.checkpoint_inputs, self.datamodule
+        if inputs is not None and inputs.datamodule_state and isinstance(dm, RasterDataModule):
+            dm.load_state_dict(inputs.datamodule_state)  # Lightning restores it only into the same class
         ensure_map_writer(self.trainer)
 
     def after_fit(self) -> None:
@@ -123,6 +197,15 @@ def evaluation_checkpoint(trainer) -> str | None:
             rank_zero_info(f"Evaluating the last checkpoint: {path}")
             return path
     return None
+
+
+def _plain(value):
+    """Tuples as lists, so that options parsed from YAML compare with those saved in a checkpoint."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _import_class(path: str) -> type:

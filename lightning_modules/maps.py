@@ -1,17 +1,19 @@
 """Full-scene classification maps: assembled from prediction batches, written as GeoTIFF + PNG."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Literal, Sequence
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.io import GeoTiffWriter, atomic_path, read_preview
+from datamodules.io import GeoTiffWriter, InputError, atomic_path, read_preview
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +44,75 @@ def render_png(path: str | Path, class_map: np.ndarray, class_names: list[str], 
     plt.close(fig)
 
 
+ProbabilityFormat = Literal["none", "float16", "uint8"]
+ConfidenceMeasure = Literal["max", "margin", "entropy"]
+CONFIDENCE_DESCRIPTIONS = {"max": "max probability", "margin": "margin (top1 - top2 probability)",
+                           "entropy": "normalised entropy (0 = certain, 1 = uniform)"}
+
+
+def confidence_bands(probs: np.ndarray, measures: Sequence[str]) -> np.ndarray:
+    """(len(measures), n) confidence of (K, n) class probabilities: the top probability, the margin
+    between the two highest, or the Shannon entropy divided by log K (0 = one class, 1 = uniform)."""
+    out = np.empty((len(measures), probs.shape[1]), dtype=np.float32)
+    top2 = -np.partition(-probs, min(1, probs.shape[0] - 1), axis=0)[:2]
+    for i, measure in enumerate(measures):
+        if measure == "max":
+            out[i] = top2[0]
+        elif measure == "margin":
+            out[i] = top2[0] - top2[1] if probs.shape[0] > 1 else 1.0
+        else:
+            logs = np.log(np.clip(probs, 1e-12, None))
+            out[i] = -(probs * logs).sum(axis=0) / max(np.log(probs.shape[0]), 1e-12)
+    return out
+
+
 class ClassificationMapWriter(Callback):
     """Writes ``lightning predict`` outputs into one class map, on one process or several (DDP).
 
-    Writes ``<output_dir>/classification_map.tif`` (uint8/uint16 classes 1..K, 0 = no data, with the
-    scene's CRS and transform and a colour table) and ``classification_map.png`` (colours + legend).
-    ``output_dir`` defaults to ``<trainer.log_dir>/predictions``.
+    Writes ``<output_dir>/<name>.tif`` (uint8/uint16 classes 1..K, 0 = no data, with the scene's CRS
+    and transform, a colour table, the class names as GDAL category names in ``<name>.tif.aux.xml``,
+    which QGIS shows as the legend, and as the ``CLASS_NAMES`` tag) and ``<name>.png`` (colours +
+    legend). ``output_dir`` defaults to ``<trainer.log_dir>/predictions``.
 
-    Each process writes its predictions into its own disk-backed part (a memory-mapped ``.npy`` in
-    a hidden folder beside the map), so no process holds the map in memory; when all are done, the
-    first process merges the parts in row strips, checking that every sample was predicted once and
-    no pixel twice, writes the GeoTIFF and the PNG (downsampled for large scenes) and removes the parts.
+    Args:
+        probabilities: also write ``<name>_probabilities.tif``, one band per class (band descriptions
+            = class names): ``float16`` (half floats, NaN = no data) or ``uint8`` (round(255 p), GDAL
+            scale 1/255, all bands 0 = no data); ``none`` (default) writes none.
+        confidence: also write ``<name>_confidence.tif`` (float32, NaN = no data) with one band per
+            measure, in the order given: ``max`` (top probability), ``margin`` (top1 - top2),
+            ``entropy`` (Shannon entropy / log K). Default: none.
+        cog: write every raster as a Cloud-Optimised GeoTIFF with overviews (NEAREST for classes,
+            AVERAGE for probabilities and confidence). Default: plain tiled GeoTIFF, no overviews.
+
+    Each process writes its predictions into its own disk-backed parts (memory-mapped ``.npy`` in a
+    hidden folder beside the map; probabilities take 2 bytes per class and pixel), so no process
+    holds the map in memory; when all are done, the first process merges the parts in row strips,
+    checking that every sample was predicted once and no pixel twice, writes the GeoTIFFs and the
+    PNG (downsampled for large scenes) and removes the parts.
     """
 
     STRIP_ROWS = 512
+    STRIP_BYTES = 2 ** 26  # of merged strip per raster, at most (with at least 16 rows)
     PNG_MAX_SIDE = 1024  # a preview; the GeoTIFF has every pixel
 
-    def __init__(self, output_dir: str | None = None, name: str = "classification_map"):
+    def __init__(self, output_dir: str | None = None, name: str = "classification_map",
+                 probabilities: ProbabilityFormat = "none",
+                 confidence: ConfidenceMeasure | list[ConfidenceMeasure] | None = None, cog: bool = False):
+        if probabilities not in ("none", "float16", "uint8"):
+            raise InputError(f"map probabilities must be float16, uint8 or none, got {probabilities!r}")
+        measures = [confidence] if isinstance(confidence, str) else list(confidence or [])
+        measures = [m for m in measures if m != "none"]
+        bad = [m for m in measures if m not in CONFIDENCE_DESCRIPTIONS]
+        if bad:
+            raise InputError(f"map confidence must be among max, margin, entropy (or none), got {bad[0]!r}")
         self.output_dir, self.name = output_dir, name
+        self.probabilities, self.confidence, self.cog = probabilities, measures, cog
         self.progress = None
         self.paths: dict[str, Path] = {}
+
+    @property
+    def wants_probabilities(self) -> bool:
+        return self.probabilities != "none" or bool(self.confidence)
 
     def _parts_dir(self) -> Path:
         return self._out / f".{self.name}.parts"
@@ -77,8 +128,15 @@ class ClassificationMapWriter(Callback):
             parts.mkdir(parents=True)
         trainer.strategy.barrier("map_parts_ready")
         shape = trainer.datamodule.shape
-        self._part = np.lib.format.open_memmap(parts / f"rank{trainer.global_rank}.npy", mode="w+",
-                                               dtype=np.uint16, shape=shape)
+        rank = trainer.global_rank
+        self._part = np.lib.format.open_memmap(parts / f"rank{rank}.npy", mode="w+", dtype=np.uint16, shape=shape)
+        k = len(trainer.datamodule.class_names)
+        self._probs = np.lib.format.open_memmap(parts / f"rank{rank}.probabilities.npy", mode="w+", dtype=np.float16,
+                                                shape=(k, *shape)) if self.probabilities != "none" else None
+        self._conf = np.lib.format.open_memmap(parts / f"rank{rank}.confidence.npy", mode="w+", dtype=np.float32,
+                                               shape=(len(self.confidence), *shape)) if self.confidence else None
+        # the model computes class probabilities only when a map asks for them
+        pl_module.predict_probabilities = self.wants_probabilities
         self._samples = self._double = 0
         # Lightning's bar shows progress and ETA; without it (logs, batch jobs) report every 10 %.
         self.progress = None if trainer.progress_bar_callback is not None else Progress("full-scene prediction",
@@ -90,26 +148,36 @@ class ClassificationMapWriter(Callback):
         if self.progress is not None:
             self.progress(self._batches_done, int(sum(trainer.num_predict_batches)))
         pred = outputs["pred"].cpu().numpy().astype(np.uint16) + 1
+        probs = outputs["probs"].float().cpu().numpy() if self.wants_probabilities else None
         self._samples += len(pred)
         if "index" in outputs:
             rows, cols = outputs["index"].cpu().numpy().T
-            self._write(rows, cols, pred)
+            self._write(rows, cols, pred, None if probs is None else probs.T)
             return
         h, w = self._part.shape
-        for tile, (y, x), owned in zip(pred, outputs["origin"].cpu().numpy(), outputs["owned"].cpu().numpy()):
+        for i, ((y, x), owned) in enumerate(zip(outputs["origin"].cpu().numpy(), outputs["owned"].cpu().numpy())):
             ys, xs = np.nonzero(owned)
             gy, gx = ys + y, xs + x
             inside = (gy >= 0) & (gy < h) & (gx >= 0) & (gx < w)
-            self._write(gy[inside], gx[inside], tile[ys[inside], xs[inside]])
+            ys, xs = ys[inside], xs[inside]
+            self._write(gy[inside], gx[inside], pred[i][ys, xs], None if probs is None else probs[i][:, ys, xs])
 
-    def _write(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+    def _write(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, probs: np.ndarray | None) -> None:
+        """Classes of pixels (rows, cols) and, if asked for, their (K, n) probabilities."""
         self._double += int((self._part[rows, cols] != 0).sum())
         self._part[rows, cols] = values
+        if self._probs is not None:
+            self._probs[:, rows, cols] = probs
+        if self._conf is not None:
+            self._conf[:, rows, cols] = confidence_bands(probs, self.confidence)
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        pl_module.predict_probabilities = False
         parts = self._parts_dir()
-        self._part.flush()
-        del self._part
+        for part in (self._part, self._probs, self._conf):
+            if part is not None:
+                part.flush()
+        self._part = self._probs = self._conf = None
         (parts / f"rank{trainer.global_rank}.json").write_text(
             json.dumps({"samples": self._samples, "double": self._double}))
         trainer.strategy.barrier("map_parts_written")
@@ -117,21 +185,51 @@ class ClassificationMapWriter(Callback):
             return
         dm = trainer.datamodule
         expected = len(dm.predict_dataset)
-        tif, png = self._out / f"{self.name}.tif", self._out / f"{self.name}.png"
-        predicted = self._merge(parts, trainer.world_size, expected, tif, dm)
+        png = self._out / f"{self.name}.png"
+        paths, predicted = self._merge(parts, trainer.world_size, expected, dm)
         shutil.rmtree(parts, ignore_errors=True)
-        render_png(png, read_preview(tif, self.PNG_MAX_SIDE), dm.class_names, dm.palette,
+        render_png(png, read_preview(paths["tif"], self.PNG_MAX_SIDE), dm.class_names, dm.palette,
                    title=type(pl_module).__name__)
-        self.paths = {"tif": tif, "png": png}
+        self.paths = {**paths, "png": png}
         seconds = time.perf_counter() - self._start
-        rank_zero_info(f"Classification map written to {tif} and {png} ({predicted:,} pixels "
+        written = ", ".join(str(path) for key, path in self.paths.items())
+        rank_zero_info(f"Classification map written to {written} ({predicted:,} pixels "
                        f"predicted in {seconds:.1f} s)")
         from lightning_modules.reporting import log_picture
 
         log_picture(trainer, "predict/classification_map", png, f"{type(pl_module).__name__} classification map")
 
-    def _merge(self, parts: Path, world_size: int, expected: int, tif: Path, dm) -> int:
-        """Merge the ranks' parts into ``tif`` (atomically); returns the number of predicted pixels."""
+    def _writers(self, shape: tuple[int, int], dm) -> dict[str, GeoTiffWriter]:
+        """The GeoTIFFs to write: the class map, and the probability and confidence rasters if asked for."""
+        k = len(dm.class_names)
+        crs, transform = dm.reference.crs, dm.reference.transform
+        names = json.dumps(list(dm.class_names))
+        dtype = np.uint8 if k < 255 else np.uint16
+        colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in enumerate(dm.palette)}} if k < 255 else None
+        writers = {"tif": GeoTiffWriter(
+            self._out / f"{self.name}.tif", shape, dtype, crs, transform, nodata=0, colormap=colormap,
+            descriptions=["class"], tags={"CLASS_NAMES": names}, category_names=["no data", *dm.class_names],
+            cog=self.cog, resampling="nearest")}
+        if self.probabilities != "none":
+            uint8 = self.probabilities == "uint8"
+            writers["probabilities"] = GeoTiffWriter(
+                self._out / f"{self.name}_probabilities.tif", shape, np.uint8 if uint8 else np.float16, crs,
+                transform, nodata=None if uint8 else float("nan"), count=k, descriptions=list(dm.class_names),
+                tags={"CLASS_NAMES": names, "PROBABILITY_SCALE": "1/255" if uint8 else "1"}, scale=1 / 255 if uint8
+                else None, cog=self.cog, resampling="average")
+        if self.confidence:
+            writers["confidence"] = GeoTiffWriter(
+                self._out / f"{self.name}_confidence.tif", shape, np.float32, crs, transform, nodata=float("nan"),
+                count=len(self.confidence), descriptions=[CONFIDENCE_DESCRIPTIONS[m] for m in self.confidence],
+                tags={"CONFIDENCE_MEASURES": json.dumps(self.confidence)}, cog=self.cog, resampling="average")
+        return writers
+
+    def _strip_rows(self, width: int, bands: int, world_size: int) -> int:
+        rows = self.STRIP_BYTES // max(1, width * bands * 4 * world_size)
+        return int(min(self.STRIP_ROWS, max(16, rows)))
+
+    def _merge(self, parts: Path, world_size: int, expected: int, dm) -> tuple[dict[str, Path], int]:
+        """Merge the ranks' parts into the GeoTIFFs (atomically); returns their paths and the predicted pixels."""
         missing = [f"rank{r}.json" for r in range(world_size) if not (parts / f"rank{r}.json").is_file()]
         if missing:
             raise RuntimeError(f"{parts}: no prediction part from {', '.join(missing)}; with several nodes the "
@@ -139,22 +237,33 @@ class ClassificationMapWriter(Callback):
         metas = [json.loads((parts / f"rank{r}.json").read_text()) for r in range(world_size)]
         samples, double = sum(m["samples"] for m in metas), sum(m["double"] for m in metas)
         maps = [np.load(parts / f"rank{r}.npy", mmap_mode="r") for r in range(world_size)]
-        k = len(dm.class_names)
-        dtype = np.uint8 if k < 255 else np.uint16
-        colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in enumerate(dm.palette)}} if k < 255 else None
+        extra = {kind: [np.load(parts / f"rank{r}.{kind}.npy", mmap_mode="r") for r in range(world_size)]
+                 for kind in ("probabilities", "confidence") if (parts / f"rank0.{kind}.npy").is_file()}
+        shape = maps[0].shape
+        bands = max([1] + [p[0].shape[0] for p in extra.values()])
+        step = self._strip_rows(shape[1], bands, world_size)
+        writers = self._writers(shape, dm)
         predicted = 0
-        with GeoTiffWriter(tif, maps[0].shape, dtype, dm.reference.crs, dm.reference.transform, nodata=0,
-                           colormap=colormap) as out:
-            for r0 in range(0, maps[0].shape[0], self.STRIP_ROWS):
-                strips = np.stack([m[r0:r0 + self.STRIP_ROWS] for m in maps])
+        with contextlib.ExitStack() as stack:
+            outs = {key: stack.enter_context(w) for key, w in writers.items()}
+            for r0 in range(0, shape[0], step):
+                strips = np.stack([m[r0:r0 + step] for m in maps])
                 double += int(((strips > 0).sum(axis=0) > 1).sum())
                 strip = strips.max(axis=0)
                 predicted += int((strip > 0).sum())
-                out.write(strip.astype(dtype), r0)
+                outs["tif"].write(strip, r0)
+                for kind, ranks in extra.items():
+                    # each pixel comes from one rank, the others hold zeros: the sum is that rank's value
+                    values = sum(part[:, r0:r0 + step].astype(np.float32) for part in ranks)
+                    if kind == "probabilities" and self.probabilities == "uint8":
+                        values = np.rint(np.where(strip > 0, values, 0) * 255)
+                    else:
+                        values = np.where(strip > 0, values, np.nan)
+                    outs[kind].write(values, r0)
             if samples != expected or double:
                 raise RuntimeError(f"full-scene prediction over {world_size} process(es) predicted {samples} of "
                                    f"{expected} samples and wrote {double} pixels more than once")
-        return predicted
+        return {key: w.path for key, w in writers.items()}, predicted
 
 
 def ensure_map_writer(trainer) -> ClassificationMapWriter:

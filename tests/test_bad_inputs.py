@@ -122,9 +122,14 @@ def test_checkpoint_band_counts_must_match_the_data():
     from lightning_modules import TwoBranchCNN
 
     model = TwoBranchCNN(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, width=4)
-    with pytest.raises(InputError, match=r"trained with in_channels=\{'hsi': 30, 'dsm': 1\}, the data gives "
-                                         r"\{'hsi': 48, 'dsm': 1\}"):
+    with pytest.raises(InputError, match=r"^modality 'hsi': 48 channels, the checkpoint was trained on 30$"):
         model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 30, "dsm": 1}, "num_classes": 6}})
+    with pytest.raises(InputError, match=r"^modality 'dsm': not a modality the checkpoint was trained on: hsi \(48 "
+                                         r"channels\), lidar \(1 channels\); lidar missing \(renamed\?\)$"):
+        model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "lidar": 1}, "num_classes": 6}})
+    with pytest.raises(InputError, match=r"^modalities are given in the order hsi, dsm; the checkpoint takes them in "
+                                         r"the order dsm, hsi"):
+        model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"dsm": 1, "hsi": 48}, "num_classes": 6}})
     with pytest.raises(InputError, match=r"num_classes=7, the data gives 6"):
         model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "dsm": 1}, "num_classes": 7}})
     model.on_load_checkpoint({"hyper_parameters": {"in_channels": {"hsi": 48, "dsm": 1}, "num_classes": 6}})

@@ -1,0 +1,115 @@
+"""What a checkpoint records about the input its model expects, and the checks of a new scene against it.
+
+A :class:`~datamodules.raster.RasterDataModule` saves, beside its normalisation statistics, the
+options it actually used (:func:`input_options`: modality names, order and band counts, class
+names and palette, patch size, sampling, normalisation settings, PCA, nodata...), so that
+``lightning predict --ckpt_path best.ckpt --data '{modalities: {...}}'`` can map an unlabelled scene
+with nothing else given (:func:`read_checkpoint_inputs`; the CLI merges them under the user's options).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from datamodules.io import InputError
+
+# RasterDataModule options that name files of one scene: never carried from a checkpoint to another scene
+SCENE_FILES = ("modalities", "train_labels", "test_labels", "val_labels", "labels")
+# options that shape the network's input: a checkpoint's value is what the model was trained on
+INPUT_KEYS = ("sampling", "patch_size", "allow_even_patch", "normalization", "normalization_overrides",
+              "normalize_on", "clip_percentile", "pca", "nodata", "label_nodata", "train_stride", "batch_size",
+              "eval_batch_size", "num_workers", "seed", "predict_window")
+
+
+def input_options(dm) -> dict[str, Any]:
+    """The options a DataModule really used (after its subclass's own defaults): plain types for checkpoints."""
+    hp = dm.hparams
+    options = {key: hp.get(key) for key in INPUT_KEYS if key in hp}
+    options.update(sampling=dm.sampling, patch_size=dm.patch_size, batch_size=dm.batch_size,
+                   eval_batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
+                   allow_even_patch=bool(hp.get("allow_even_patch") or (dm.sampling == "pixel" and dm.patch_size % 2 == 0)))
+    return {**options, "class_names": list(dm.class_names), "palette": [list(c) for c in dm.palette],
+            "modality_bands": [[name, int(bands)] for name, bands in dm._bands.items()],
+            "in_channels": [[name, int(c)] for name, c in dm.in_channels.items()]}
+
+
+@dataclass
+class CheckpointInputs:
+    """A checkpoint's model class and the RasterDataModule options a new scene is read with."""
+
+    path: str
+    model_class: str | None
+    data: dict[str, Any]  # RasterDataModule init arguments, without the scene's files
+    in_channels: dict[str, int]  # modality -> channels the network takes, in the order it takes them
+    raw_bands: dict[str, int]  # modality -> bands of the rasters the normalisation was fitted on
+    datamodule_state: dict | None
+
+    def checked(self, modalities: Mapping[str, str], bands: Mapping[str, int]) -> None:
+        """A one-line error if ``modalities`` (name -> file) with ``bands`` do not fit this checkpoint."""
+        check_modalities(self.raw_bands or self.in_channels, bands, modalities, f"the checkpoint {self.path}",
+                         what="bands" if self.raw_bands else "channels")
+
+
+def _raster_options() -> set[str]:
+    from datamodules.raster import RasterDataModule
+
+    return set(inspect.signature(RasterDataModule.__init__).parameters) - {"self"}
+
+
+def read_checkpoint_inputs(path: str | Path) -> CheckpointInputs:
+    """Read what ``path`` (a Lightning checkpoint of a RasterDataModule run) says about its input."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    model_hp = dict(ckpt.get("hyper_parameters") or {})
+    data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    data_class = str(data_hp.get("_class_path") or ckpt.get("datamodule_hparams_name") or "")
+    state = None
+    for key, value in ckpt.items():  # Lightning stores it under the DataModule's class name
+        if isinstance(value, dict) and "normalizers" in value and (not data_class or data_class.endswith(key)):
+            state = value
+    saved = dict((state or {}).get("input") or {})
+    allowed = _raster_options() - set(SCENE_FILES)
+    if saved:
+        data = {k: v for k, v in saved.items() if k in allowed}
+        in_channels = {name: int(c) for name, c in saved["in_channels"]}
+    else:  # checkpoints written before the DataModule saved its input options: its config and the model's
+        data = {k: v for k, v in data_hp.items() if k in allowed and not k.startswith("_")}
+        data["class_names"] = model_hp.get("class_names") or data.get("class_names")
+        if data.get("sampling", "pixel") == "pixel" and data.get("patch_size", 1) % 2 == 0:
+            data["allow_even_patch"] = True  # it was allowed when this model was trained
+        in_channels = {name: int(c) for name, c in (model_hp.get("in_channels") or {}).items()}
+    raw = {name: len(s["offset"]) for name, s in (state or {}).get("normalizers", {}).items()}
+    raw = {name: raw[name] for name in in_channels if name in raw} if set(raw) == set(in_channels) else {}
+    return CheckpointInputs(str(path), model_hp.get("_class_path"), data, in_channels, raw, state)
+
+
+def check_modalities(expected: Mapping[str, int], actual: Mapping[str, int], files: Mapping[str, str] | None = None,
+                     source: str = "the checkpoint", what: str = "bands") -> None:
+    """One clear line when the data's modalities (name -> band count) differ from what the model was
+    trained on: a missing, extra or renamed modality, a band count, or the order the model sees them in."""
+    files = files or {}
+
+    def where(name: str) -> str:
+        return f"{files[name]} (modality {name!r})" if name in files else f"modality {name!r}"
+
+    listed = ", ".join(f"{n} ({b} {what})" for n, b in expected.items())
+    extra = [n for n in actual if n not in expected]
+    missing = [n for n in expected if n not in actual]
+    if extra:
+        hint = f"; {', '.join(missing)} missing (renamed?)" if missing else ""
+        raise InputError(f"{where(extra[0])}: not a modality {source} was trained on: {listed}{hint}")
+    if missing:
+        raise InputError(f"modality {missing[0]!r} is missing: {source} was trained on {listed}, the data gives "
+                         f"{', '.join(actual) or 'none'}")
+    for name, count in expected.items():
+        if int(actual[name]) != int(count):
+            raise InputError(f"{where(name)}: {actual[name]} {what}, {source} was trained on {count}")
+    if list(actual) != list(expected):
+        raise InputError(f"modalities are given in the order {', '.join(actual)}; {source} takes them in the order "
+                         f"{', '.join(expected)} (the order the model sees them)")
