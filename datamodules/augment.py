@@ -1,7 +1,7 @@
 """Training-batch augmentation: flips and 90-degree rotations (the dihedral group), Gaussian noise.
 
 Whole batches are transformed at once with torch ops on the batch's device (one gather per tensor),
-after the vectorised patch gather, by :meth:`~datamodules.raster.RasterDataModule.on_after_batch_transfer`
+after the vectorised patch gather, by :meth:`~rsfusion.datamodules.raster.RasterDataModule.on_after_batch_transfer`
 on training batches only. The draws depend only on (seed, epoch, rank, batch index), so a resumed
 run augments exactly as an uninterrupted one, whatever the number of loader workers.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.io import InputError
+from rsfusion.datamodules.io import InputError
 
 Batch = dict[str, Tensor]
 

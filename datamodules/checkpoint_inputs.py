@@ -1,6 +1,6 @@
 """What a checkpoint records about the input its model expects, and the checks of a new scene against it.
 
-A :class:`~datamodules.raster.RasterDataModule` saves, beside its normalisation statistics, the
+A :class:`~rsfusion.datamodules.raster.RasterDataModule` saves, beside its normalisation statistics, the
 options it actually used (:func:`input_options`: modality names, order and band counts, class
 names and palette, patch size, sampling, normalisation settings, PCA, nodata...), so that
 ``lightning predict --ckpt_path best.ckpt --data '{modalities: {...}}'`` can map an unlabelled scene
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from datamodules.io import InputError
+from rsfusion.datamodules.io import InputError
 
 # RasterDataModule options that name files of one scene: never carried from a checkpoint to another scene
 SCENE_FILES = ("modalities", "train_labels", "test_labels", "val_labels", "labels")
@@ -55,7 +55,7 @@ class CheckpointInputs:
 
 
 def _raster_options() -> set[str]:
-    from datamodules.raster import RasterDataModule
+    from rsfusion.datamodules.raster import RasterDataModule
 
     return set(inspect.signature(RasterDataModule.__init__).parameters) - {"self"}
 

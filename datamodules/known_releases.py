@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.io import split_key
+from rsfusion.datamodules.io import split_key
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datamodules.io import RasterError, RasterHeader, read_header, read_labels, read_raster
-from datamodules.scene import check_label_grid
+from rsfusion.datamodules.io import RasterError, RasterHeader, read_header, read_labels, read_raster
+from rsfusion.datamodules.scene import check_label_grid
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Write a built-in synthetic scene's GeoTIFFs: ``python -m datamodules.make_scene --seed 1``.
+"""Write a built-in synthetic scene's GeoTIFFs: ``python -m rsfusion.datamodules.make_scene --seed 1``.
 
-The scenes :class:`~datamodules.synthetic.SyntheticDataModule` trains on, as files: another seed
+The scenes :class:`~rsfusion.datamodules.synthetic.SyntheticDataModule` trains on, as files: another seed
 gives another scene of the same kind (other class regions, spectra drawn anew), e.g. to map with a
 checkpoint trained on seed 0 (README, "Maps of new scenes"). Prints the files written.
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from datamodules.synthetic import ensure_scene
+from rsfusion.datamodules.synthetic import ensure_scene
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.make_scene", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rsfusion.datamodules.make_scene", description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="hsi_dsm", choices=["hsi_dsm", "hsi_sar", "ms_pan"])
     parser.add_argument("--seed", type=int, default=0, help="the scene generator's seed (default 0)")
     parser.add_argument("--root", default="data/synthetic", help="files go to <root>/<kind>-seed<seed>/")

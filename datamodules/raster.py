@@ -12,17 +12,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from datamodules.checkpoint_inputs import check_modalities, input_options
-from datamodules.io import InputError, RasterError, is_gdal_raster, read_header
-from datamodules.augment import Augment, BatchAugmenter, batch_generator
-from datamodules.label_sources import ClassMap, read_split_labels
-from datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
+from rsfusion.datamodules.checkpoint_inputs import check_modalities, input_options
+from rsfusion.datamodules.io import InputError, RasterError, is_gdal_raster, read_header
+from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
+from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
+from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
                                   TileDataset, balanced_classes, collate, covering_tiles)
-from datamodules.scene import (Normalization, Normalizer, PadMode, Scene, borrow_georeferencing, grid_ratios,
+from rsfusion.datamodules.scene import (Normalization, Normalizer, PadMode, Scene, borrow_georeferencing, grid_ratios,
                                load_scene, reference_header)
-from datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
+from rsfusion.datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
                                sample_per_class)
-from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class RasterDataModule(L.LightningDataModule):
         pad_mode: what patches and tiles see beyond the scene edge: the mirrored image (``reflect``)
             or ``zero`` in normalised units (M3amba's authors zero-pad min-max data); nodata pixels
             inside the scene are filled as before either way.
-        augment: training-batch augmentation (:class:`~datamodules.augment.Augment`), off by default:
+        augment: training-batch augmentation (:class:`~rsfusion.datamodules.augment.Augment`), off by default:
             ``{flip: true, rotate: true, noise_std: 0.05}`` (or ``noise_std: {hsi: 0.05}`` for some
             modalities). Flips/rotations are the same for every modality and the tile labels; an even
             ``pixel`` patch is turned about its pixel (cut one larger, transformed, cropped back).

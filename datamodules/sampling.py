@@ -1,4 +1,4 @@
-"""Patch and tile datasets cut on the fly from a :class:`~datamodules.scene.Scene`.
+"""Patch and tile datasets cut on the fly from a :class:`~rsfusion.datamodules.scene.Scene`.
 
 Both datasets fetch whole batches at once (``__getitems__``): one vectorised gather per modality
 instead of one slice per sample, so the data pipeline stays far ahead of the models on a CPU.
@@ -10,8 +10,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from datamodules.io import InputError
-from datamodules.scene import Scene
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.scene import Scene
 
 IGNORE_INDEX = -1
 
@@ -105,7 +105,7 @@ class PixelPatchDataset(Dataset):
 
     ``extra`` > 0 cuts patches that many pixels larger at the top and left: an even patch cut with
     ``extra=1`` is odd and centred on its pixel, so flips and rotations pivot on it (see
-    :class:`~datamodules.augment.BatchAugmenter`, which crops the border off again).
+    :class:`~rsfusion.datamodules.augment.BatchAugmenter`, which crops the border off again).
     """
 
     def __init__(self, scene: Scene, rows: np.ndarray, cols: np.ndarray, patch_size: int,

@@ -7,7 +7,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 from affine import Affine
 
-from datamodules.io import Raster, RasterError, RasterHeader, read_header, read_raster, same_crs
+from rsfusion.datamodules.io import Raster, RasterError, RasterHeader, read_header, read_raster, same_crs
 
 Normalization = Literal["zscore", "minmax", "minmax_global", "none"]
 PadMode = Literal["reflect", "zero"]

@@ -19,9 +19,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
 
-from datamodules.checkpoint_inputs import check_modalities
-from datamodules.io import InputError
-from datamodules.sampling import IGNORE_INDEX
+from rsfusion.datamodules.checkpoint_inputs import check_modalities
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.sampling import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 

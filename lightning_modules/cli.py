@@ -14,14 +14,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-import datamodules  # noqa: F401  (registers the DataModules for short class names)
-import lightning_modules  # noqa: F401  (registers the models)
-from datamodules.checkpoint_inputs import CheckpointInputs, read_checkpoint_inputs
-from datamodules.io import InputError, read_header
-from datamodules.raster import RasterDataModule
-from lightning_modules.base import FusionClassifier
-from lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
-from lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
+from rsfusion import datamodules  # noqa: F401  (registers the DataModules for short class names)
+from rsfusion import lightning_modules  # noqa: F401  (registers the models)
+from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, read_checkpoint_inputs
+from rsfusion.datamodules.io import InputError, read_header
+from rsfusion.datamodules.raster import RasterDataModule
+from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
+from rsfusion.lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
                                          make_wandb_logger)
 
 
@@ -57,7 +57,7 @@ class RSFusionCLI(LightningCLI):
             self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
         inputs = self._predict_checkpoint(parser, args)
         if inputs is not None:
-            defaults = {"data": {"class_path": "datamodules.RasterDataModule", "init_args": inputs.data}}
+            defaults = {"data": {"class_path": "rsfusion.datamodules.RasterDataModule", "init_args": inputs.data}}
             if inputs.model_class:
                 defaults["model"] = {"class_path": inputs.model_class}
             self._subcommand_parsers["predict"].set_defaults(defaults)
@@ -225,7 +225,7 @@ def cli_kwargs() -> dict:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m lightning_modules``)."""
+    """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m rsfusion.lightning_modules``)."""
     try:
         RSFusionCLI(**cli_kwargs(), args=args)
     except Exception as err:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from datamodules import RasterDataModule
-from datamodules.augment import BatchAugmenter, batch_generator, dihedral
-from datamodules.io import InputError
+from rsfusion.datamodules import RasterDataModule
+from rsfusion.datamodules.augment import BatchAugmenter, batch_generator, dihedral
+from rsfusion.datamodules.io import InputError
 from tests.conftest import CONFIGS, tiny_config, write_tif
 
 H, W, R = 32, 40, 4  # PAN at 4x
@@ -250,7 +250,7 @@ def test_a_resumed_run_draws_the_same_augmentations(coordinate_scene, tmp_path):
 
 
 def test_cli_trains_a_shipped_config_with_augmentation_and_balanced_sampling(tmp_path, monkeypatch):
-    from lightning_modules.cli import main
+    from rsfusion.lightning_modules.cli import main
 
     config = tiny_config(tmp_path, "baseline_ms_only_synthetic", dict(scene_height=24, scene_width=32,
                                                                       train_per_class=10, batch_size=16),

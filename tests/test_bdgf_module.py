@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from datamodules.feature_bank import load_bank
-from datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
-from datamodules.raster import RasterDataModule
-from datamodules.synthetic import ensure_scene
-from lightning_modules import BDGF, BDGFPretrain
-from datamodules.feature_bank import array_digest, cache_key
-from lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, RandomSceneTiles, load_ddpm_payload, payload_digest,
+from rsfusion.datamodules.feature_bank import load_bank
+from rsfusion.datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
+from rsfusion.datamodules.raster import RasterDataModule
+from rsfusion.datamodules.synthetic import ensure_scene
+from rsfusion.lightning_modules import BDGF, BDGFPretrain
+from rsfusion.datamodules.feature_bank import array_digest, cache_key
+from rsfusion.lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, RandomSceneTiles, load_ddpm_payload, payload_digest,
                                     pretrain_ddpm, resolve_ddpm_config)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,12 +282,12 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 
 def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
-    from lightning_modules.base import FusionClassifier
-    from lightning_modules.cli import RSFusionCLI
+    from rsfusion.lightning_modules.base import FusionClassifier
+    from rsfusion.lightning_modules.cli import RSFusionCLI
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
     config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
-    config["data"]["class_path"] = "datamodules.RasterDataModule"  # the scene's own files, not a release layout
+    config["data"]["class_path"] = "rsfusion.datamodules.RasterDataModule"  # the scene's own files, not a release layout
     config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
                                    "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
                                    "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4,
@@ -408,18 +408,18 @@ def test_spec_default_sizes():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_parse_without_their_data(name, capsys):
-    from lightning_modules.cli import main
+    from rsfusion.lightning_modules.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
-    assert model["class_path"] == ("lightning_modules.BDGFPretrain" if "pretrain" in name else "lightning_modules.BDGF")
+    assert model["class_path"] == ("rsfusion.lightning_modules.BDGFPretrain" if "pretrain" in name else "rsfusion.lightning_modules.BDGF")
     data = printed["data"]["init_args"]
     assert model["init_args"]["ddpm"]["masked_target"] == "x0"  # the corrected stage-1 objective, spelt out
     if "template" in name:  # your own rasters, relative paths
-        assert printed["data"]["class_path"] == "datamodules.RasterDataModule"
+        assert printed["data"]["class_path"] == "rsfusion.datamodules.RasterDataModule"
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
     elif "synthetic" not in name:  # a release DataModule that finds the files under a relative root
         release = "Berlin" if "berlin" in name else "Augsburg"

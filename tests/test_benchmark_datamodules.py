@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from datamodules import Houston2013DataModule, InputError, MSPanDataModule, MUUFLDataModule
+from rsfusion.datamodules import Houston2013DataModule, InputError, MSPanDataModule, MUUFLDataModule
 
 
 def _fake_maps(shape, rng, classes):
@@ -51,7 +51,7 @@ def test_muufl_minus_one_means_unlabelled(tmp_path):
 
 
 def test_ms_pan_layout_from_the_synthetic_generator(tmp_path):
-    from datamodules.synthetic import make_mspan_scene
+    from rsfusion.datamodules.synthetic import make_mspan_scene
 
     make_mspan_scene(tmp_path, height=24, width=20, train_per_class=8)
     dm = MSPanDataModule(root=str(tmp_path), patch_size=4)
@@ -63,9 +63,9 @@ def test_ms_pan_layout_from_the_synthetic_generator(tmp_path):
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
-import datamodules  # noqa: E402
-from datamodules import RasterDataModule, RasterError  # noqa: E402
-from datamodules import known_releases  # noqa: E402
+from rsfusion import datamodules  # noqa: E402
+from rsfusion.datamodules import RasterDataModule, RasterError  # noqa: E402
+from rsfusion.datamodules import known_releases  # noqa: E402
 from tests.data import releases  # noqa: E402
 
 BANDS = {"Houston2013DataModule": {"hsi": 144, "lidar": 1}, "TrentoDataModule": {"hsi": 63, "lidar": 1},
@@ -111,7 +111,7 @@ def test_mat_v73_is_written_as_matlab_does_and_reads_like_v5(tmp_path):
     with h5py.File(tmp_path / "a.mat", "r") as f:  # column-major on disk: h5py sees the axes reversed
         assert f["HSI"].shape == (5, 4, 3) and f["HSI"].attrs["MATLAB_class"] == b"single"
     assert (tmp_path / "a.mat").read_bytes()[:19] == b"MATLAB 7.3 MAT-file"
-    from datamodules.io import read_raster
+    from rsfusion.datamodules.io import read_raster
 
     v73, v5 = read_raster(f"{tmp_path / 'a.mat'}:HSI").data, read_raster(f"{tmp_path / 'b.mat'}:HSI").data
     assert v73.shape == (5, 3, 4)  # (bands, rows, cols)
@@ -120,7 +120,7 @@ def test_mat_v73_is_written_as_matlab_does_and_reads_like_v5(tmp_path):
 
 
 def test_muufl_gt_only_copy_trains_through_the_cli(copies, tmp_path):
-    from lightning_modules.cli import main
+    from rsfusion.lightning_modules.cli import main
     from tests.test_every_config import TRAINER, redirect_outputs
 
     config = redirect_outputs(releases.ROOT / "configs" / "baseline_muufl.yaml", tmp_path / "runs")

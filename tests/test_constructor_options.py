@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import SyntheticDataModule
-from datamodules.io import InputError
-from lightning_modules import BDGF, DAS2F, M3amba, BDGFPretrain, TwoBranchCNN
-from lightning_modules.base import FusionClassifier
+from rsfusion.datamodules import SyntheticDataModule
+from rsfusion.datamodules.io import InputError
+from rsfusion.lightning_modules import BDGF, DAS2F, M3amba, BDGFPretrain, TwoBranchCNN
+from rsfusion.lightning_modules.base import FusionClassifier
 
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
                  patch_size=8, projection_dim=8)
@@ -205,7 +205,7 @@ def files(tmp_path_factory):
     """The scenes' root, a BDGF cache, a DDPM checkpoint, a feature bank and two tiny CLIP towers."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from lightning_modules.bdgf import pretrain_ddpm
+    from rsfusion.lightning_modules.bdgf import pretrain_ddpm
 
     root = tmp_path_factory.mktemp("options")
     paths = {"root": root / "scenes", "cache": root / "bdgf_cache"}

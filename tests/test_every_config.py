@@ -16,7 +16,7 @@ import pytest
 import rasterio
 import yaml
 
-from lightning_modules.cli import main
+from rsfusion.lightning_modules.cli import main
 from tests.data import releases
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from datamodules.synthetic import HSI_CLASSES, ensure_scene
-from lightning_modules.cli import main
+from rsfusion.datamodules.synthetic import HSI_CLASSES, ensure_scene
+from rsfusion.lightning_modules.cli import main
 from tests.conftest import tiny_config
 
 DATA = dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5, batch_size=32)
@@ -75,7 +75,7 @@ def test_an_unlabelled_scene_is_mapped_with_everything_else_from_the_checkpoint(
 
 def test_the_data_options_come_from_the_checkpoint_and_the_user_wins(trained, capsys):
     tmp, _, ckpt, b = trained
-    from lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
 
     class Parsed(Exception):
         pass
@@ -89,7 +89,7 @@ def test_the_data_options_come_from_the_checkpoint_and_the_user_wins(trained, ca
         Probe(**cli_kwargs(), args=["predict", "--ckpt_path", str(ckpt), "--data", _modalities(dsm=b["dsm"], hsi=b["hsi"]),
                                     "--data.init_args.batch_size", "7"])
     data = parsed.value.args[0]
-    assert data["class_path"] == "datamodules.RasterDataModule"
+    assert data["class_path"] == "rsfusion.datamodules.RasterDataModule"
     init = data["init_args"]
     assert list(init["modalities"]) == ["hsi", "dsm"]  # put in the checkpoint's order
     assert init["patch_size"] == 5 and init["sampling"] == "pixel" and init["class_names"] == HSI_CLASSES
@@ -129,7 +129,7 @@ def test_modalities_that_do_not_fit_the_checkpoint_are_one_line_errors(trained, 
         "was trained on 48")
 
     # without labels a scene can be predicted, not trained on or tested
-    unlabelled = "{class_path: datamodules.RasterDataModule, init_args: {" + _modalities(hsi=b["hsi"], dsm=b["dsm"])[
+    unlabelled = "{class_path: RasterDataModule, init_args: {" + _modalities(hsi=b["hsi"], dsm=b["dsm"])[
         1:-1] + ", class_names: [a, b]}}"
     line = _error(capsys, "fit", "--config", str(config), "--data", unlabelled, "--trainer.logger", "false")
     assert line == f"error: fit needs label maps: give train_labels and test_labels (or labels); {b['hsi']}, " \
@@ -256,7 +256,7 @@ def test_the_shipped_predict_config_maps_the_readme_scene(trained, tmp_path, mon
     """configs/predict/new_scene.yaml, as the README runs it from a checkout after ``fit --config demo.yaml``."""
     import shutil
 
-    from datamodules import make_scene
+    from rsfusion.datamodules import make_scene
 
     _, _, ckpt, _ = trained
     monkeypatch.chdir(tmp_path)

@@ -76,8 +76,8 @@ class _FakeGPUs:
 def _tiny_fit(tmp_path, ckpt_path=None, max_steps=1):
     import lightning as L
 
-    from datamodules import SyntheticDataModule
-    from lightning_modules import TwoBranchCNN
+    from rsfusion.datamodules import SyntheticDataModule
+    from rsfusion.lightning_modules import TwoBranchCNN
 
     L.seed_everything(0)
     dm = SyntheticDataModule(root=str(tmp_path / "scene"), scene_height=24, scene_width=24, train_per_class=4,
@@ -102,7 +102,7 @@ def test_checkpoints_store_and_restore_the_cuda_rng_states(tmp_path, monkeypatch
 
 
 def test_cuda_rng_states_for_other_gpus_warn_once_and_cpu_checkpoints_still_load(tmp_path, monkeypatch):
-    from lightning_modules import base
+    from rsfusion.lightning_modules import base
 
     monkeypatch.setattr(base, "_warned", set())
     _tiny_fit(tmp_path).save_checkpoint(tmp_path / "cpu.ckpt")  # this machine: no CUDA

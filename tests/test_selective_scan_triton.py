@@ -1,4 +1,4 @@
-"""Triton backend of kernels.selective_scan against the literal oracle, forward and backward.
+"""Triton backend of rsfusion.kernels.selective_scan against the literal oracle, forward and backward.
 
 With a GPU the tests run the compiled kernels here. Without one they need the Triton interpreter,
 and TRITON_INTERPRET=1 must be set before triton itself is first imported (triton's own
@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not importable: the Triton backend cannot be tested")
 
-from kernels import dispatch, resolve_backend, selective_scan  # noqa: E402
+from rsfusion.kernels import dispatch, resolve_backend, selective_scan  # noqa: E402
 
 
 def _load_sibling(name):
@@ -53,7 +53,7 @@ def test_triton_tests_in_interpreter_subprocess():
 
 @pytest.fixture(scope="module")
 def scan_triton():
-    return importlib.import_module("kernels.scan_triton")
+    return importlib.import_module("rsfusion.kernels.scan_triton")
 
 
 def _on_device(inputs):
@@ -145,7 +145,7 @@ def test_self_check_passes_so_auto_keeps_triton(dtype, scan_triton, monkeypatch,
     monkeypatch.setattr(dispatch, "_triton_health", {})
     monkeypatch.setattr(dispatch, "_triton_preferred", lambda device: True)  # as auto on a GPU
     inputs = helpers.make_inputs(1, 4, 7, 2, groups=2, extras=True, dtype=dtype)
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="rsfusion.kernels"):
         assert dispatch._triton_self_check(torch.device(DEVICE), dtype) is None
         out = selective_scan(**_on_device(inputs), delta_softplus=True)
     assert dispatch._triton_health == {(str(torch.device(DEVICE)), dtype): None}
@@ -198,14 +198,14 @@ def broken_triton(monkeypatch):
 
 
 def _self_check_warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "kernels" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "rsfusion.kernels" and r.levelno == logging.WARNING]
 
 
 def test_auto_falls_back_to_torch_once_when_the_triton_kernel_raises(broken_triton, caplog, monkeypatch):
     calls = broken_triton(_raising_kernel)
     inputs = _scan_inputs()
     expected = selective_scan(**inputs, delta_softplus=True, backend="torch")
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="rsfusion.kernels"):
         outs = [selective_scan(**inputs, delta_softplus=True) for _ in range(3)]
         assert resolve_backend("auto", torch.device(DEVICE), torch.float32) == "torch"
     assert all(torch.equal(out, expected) for out in outs)
@@ -230,7 +230,7 @@ def test_auto_falls_back_to_torch_when_the_triton_kernel_is_wrong(broken_triton,
     calls = broken_triton(kernel)
     inputs = _scan_inputs()
     expected = selective_scan(**inputs, delta_softplus=True, backend="torch")
-    with caplog.at_level(logging.WARNING, logger="kernels"):
+    with caplog.at_level(logging.WARNING, logger="rsfusion.kernels"):
         first = selective_scan(**inputs, delta_softplus=True)
         second = selective_scan(**inputs, delta_softplus=True)
     assert torch.equal(first, expected) and torch.equal(second, expected)
@@ -244,7 +244,7 @@ def test_auto_falls_back_to_torch_when_the_triton_kernel_is_wrong(broken_triton,
 
 def test_self_check_is_cached_per_device_and_dtype(broken_triton, caplog):
     calls = broken_triton(_wrong_output)
-    with caplog.at_level(logging.WARNING, logger="kernels"):
+    with caplog.at_level(logging.WARNING, logger="rsfusion.kernels"):
         for dtype in (torch.float32, torch.float64, torch.float32, torch.float64):
             out = selective_scan(**_scan_inputs(dtype), delta_softplus=True)
             assert out.dtype == dtype

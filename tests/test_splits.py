@@ -12,8 +12,8 @@ import torch
 import yaml
 from scipy.spatial.distance import cdist
 
-from datamodules import AugsburgDataModule, InputError, RasterDataModule, RasterError
-from datamodules.splits import per_class_quota, per_class_split, pixels_inside_patches, remap_labels, sample_per_class
+from rsfusion.datamodules import AugsburgDataModule, InputError, RasterDataModule, RasterError
+from rsfusion.datamodules.splits import per_class_quota, per_class_split, pixels_inside_patches, remap_labels, sample_per_class
 from tests.conftest import CONFIGS, write_tif
 
 AUGSBURG = ["Forest", "Residential area", "Industrial area", "Low plants", "Allotment", "Commercial area", "Water"]
@@ -239,7 +239,7 @@ def _printed_test_metrics(text: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epoch(tmp_path, monkeypatch, capsys,
                                                                                      caplog):
-    from lightning_modules.cli import RSFusionCLI, cli_kwargs, main
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs, main
 
     monkeypatch.chdir(tmp_path)  # the shipped config writes under runs/baseline_augsburg
     train = _augsburg_copy(tmp_path / "augsburg")
@@ -273,12 +273,12 @@ def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epo
 
 @pytest.mark.slow
 def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(scene, tmp_path, capsys):
-    from lightning_modules.cli import RSFusionCLI, cli_kwargs, main
-    from lightning_modules.compare import run_config
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs, main
+    from rsfusion.lightning_modules.compare import run_config
 
     paths, labels = scene
     config = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
-    config["data"] = {"class_path": "datamodules.RasterDataModule",
+    config["data"] = {"class_path": "rsfusion.datamodules.RasterDataModule",
                       "init_args": {"modalities": {"hsi": str(paths["hsi"])}, "labels": str(paths["labels"]),
                                     "train_per_class": 8, "val_fraction": 0, "patch_size": 5, "batch_size": 16}}
     config["model"]["init_args"]["width"] = 8
@@ -311,8 +311,8 @@ def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(
 
 def test_the_xian_urban_example_in_the_das2f_config(tmp_path):
     """The commented ``label_map`` of configs/das2f_xian.yaml, uncommented, merges an MS/PAN copy's classes."""
-    from datamodules import MSPanDataModule
-    from datamodules.synthetic import make_mspan_scene
+    from rsfusion.datamodules import MSPanDataModule
+    from rsfusion.datamodules.synthetic import make_mspan_scene
 
     example = re.search(r"^\s*# (label_map: .*)$", (CONFIGS / "das2f_xian.yaml").read_text(), re.M).group(1)
     label_map = yaml.safe_load(example)["label_map"]

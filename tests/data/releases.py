@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # runnable as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from datamodules.synthetic import _regions  # noqa: E402  (the blob generator of the synthetic scenes)
+from rsfusion.datamodules.synthetic import _regions  # noqa: E402  (the blob generator of the synthetic scenes)
 
 # Tiny scene sizes: never square, so that a transposed array fails loudly.
 SHAPES = {"houston2013": (30, 44), "trento": (28, 40), "muufl": (36, 30), "augsburg": (30, 38), "berlin": (40, 30),
