@@ -423,7 +423,7 @@ def test_configs_parse_without_their_data(name, capsys):
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
     elif "synthetic" not in name:  # a release DataModule that finds the files under a relative root
         release = "Berlin" if "berlin" in name else "Augsburg"
-        assert printed["data"]["class_path"] == f"datamodules.{release}DataModule"
+        assert printed["data"]["class_path"] == f"rsfusion.datamodules.{release}DataModule"
         assert not Path(data["root"]).is_absolute() and data["use"] in (None, ["hsi", "sar"])
     if name in ("bdgf_augsburg", "bdgf_berlin"):
         assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}
