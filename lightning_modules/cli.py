@@ -94,10 +94,22 @@ def cli_kwargs() -> dict:
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "yaml"})
 
 
+# ``rsfusion <command>`` with their own argparse entry points, dispatched before LightningCLI parses
+EXTRA_COMMANDS = {"export": "lightning_modules.export", "evaluate": "lightning_modules.evaluate"}
+EXTRA_HELP = ("more commands: 'rsfusion export --help' (a checkpoint as a torch.export/ONNX program that runs "
+              "without rsfusion), 'rsfusion evaluate --help' (score any classification map against a label raster)")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m lightning_modules``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+        return
+    kwargs = cli_kwargs()
+    kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "epilog": EXTRA_HELP}
     try:
-        RSFusionCLI(**cli_kwargs(), args=args)
+        RSFusionCLI(**kwargs, args=args)
     except Exception as err:
         # Bad input: one line naming the file and the problem, not a traceback. jsonargparse re-wraps
         # errors raised while it instantiates the DataModule, so look for ours inside its message.
