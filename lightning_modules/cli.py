@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Literal
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
@@ -15,6 +16,7 @@ import lightning_modules  # noqa: F401  (registers the models)
 from datamodules.io import InputError
 from datamodules.raster import RasterDataModule
 from lightning_modules.base import FusionClassifier
+from lightning_modules.inference import ensure_inference_precision
 from lightning_modules.maps import ensure_map_writer
 from lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
                                          make_wandb_logger)
@@ -33,6 +35,9 @@ class RSFusionCLI(LightningCLI):
                             help="after fit, evaluate the best checkpoint on the test set (OA/AA/kappa)")
         parser.add_argument("--map_after_fit", type=bool, default=True,
                             help="after fit, write the full-scene classification map (GeoTIFF + PNG)")
+        parser.add_argument("--inference_precision", type=Literal["32", "bf16"], default="32",
+                            help="full-scene prediction (predict, map after fit) in bfloat16 autocast with the "
+                                 "scan in float32: faster on CPUs with bf16 units; test metrics stay float32")
         parser.add_class_arguments(WandbOptions, "wandb")
 
     def before_instantiate_classes(self) -> None:
@@ -65,6 +70,7 @@ class RSFusionCLI(LightningCLI):
 
     def before_predict(self) -> None:
         ensure_map_writer(self.trainer)
+        ensure_inference_precision(self.trainer, self.config[self.subcommand].get("inference_precision", "32"))
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -75,6 +81,7 @@ class RSFusionCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if config.get("map_after_fit"):
             ensure_map_writer(self.trainer)
+            ensure_inference_precision(self.trainer, config.get("inference_precision", "32"))
             self.trainer.predict(self.model, datamodule=self.datamodule, ckpt_path=ckpt, return_predictions=False)
 
 

@@ -214,7 +214,9 @@ def export_program(program: ProbabilityModel, inputs: tuple[torch.Tensor, ...]) 
 
 
 def to_onnx(program: ProbabilityModel, inputs: tuple[torch.Tensor, ...], output: Path) -> None:
-    """ONNX through torch's dynamo exporter; any failure becomes one line saying why."""
+    """ONNX through torch's dynamo exporter; any failure becomes one line saying why. onnxscript's graph
+    optimiser is skipped: on the scan's unrolled time loop it takes minutes (onnxruntime optimises the
+    graph itself when it loads it)."""
     missing = [m for m in ("onnx", "onnxscript") if not _importable(m)]
     if missing:
         raise InputError(f"ONNX export needs {' and '.join(missing)}: {ONNX_HINT}")
@@ -226,7 +228,7 @@ def to_onnx(program: ProbabilityModel, inputs: tuple[torch.Tensor, ...], output:
                 contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, inputs, dynamo=True, input_names=names,
-                                             output_names=["probabilities"], verbose=False,
+                                             output_names=["probabilities"], verbose=False, optimize=False,
                                              dynamic_shapes=_dynamic_batch(inputs))
             onnx_program.save(str(output))
     except Exception as err:  # noqa: BLE001  (the exporter raises many kinds; the user needs the reason)
