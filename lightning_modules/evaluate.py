@@ -53,8 +53,8 @@ def _strips(path: str, shape: tuple[int, int], empty_value: int | None = None):
 
 def _checked(path: str, values: np.ndarray, num_classes: int | None, what: str, source: str) -> np.ndarray:
     if values.size and values.min() < 0:
-        raise RasterError(f"{path}: negative {what} value {values.min()} (0 = {'unlabelled' if what == 'label' else 'no prediction'}, "
-                          f"1..K = classes)")
+        empty = "unlabelled" if what == "label" else "no prediction"
+        raise RasterError(f"{path}: negative {what} value {values.min()} (0 = {empty}, 1..K = classes)")
     if num_classes is not None and values.size and values.max() > num_classes:
         raise RasterError(f"{path}: {what} value {values.max()} is outside 1..{num_classes} "
                           f"({int((values > num_classes).sum())} pixels in this strip; K from {source})")

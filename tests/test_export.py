@@ -132,7 +132,8 @@ def test_exported_program_reproduces_the_lightning_probabilities_without_rsfusio
     if key == "das2f":
         assert info["inputs"]["pan"][2:] == [16, 16]  # PAN at 4x the MS patch
     if key == "bdgf":
-        assert info["input_order"][-1] == FEATURE_KEY and info["inputs"]["hsi"][1] == 8  # raw bands in, PCA inside
+        assert info["input_order"][-1] == FEATURE_KEY
+        assert info["inputs"]["hsi"][1] == 48  # the 48 raw bands go in, the PCA to 4 is inside
 
 
 def test_missing_checkpoint_and_bad_ratio_are_one_line_errors(tmp_path, capsys):
