@@ -13,9 +13,9 @@ import time
 import lightning as L
 import torch
 
-from datamodules import SyntheticDataModule
-from lightning_modules import TwoBranchCNN
-from lightning_modules.maps import ClassificationMapWriter
+from rsfusion.datamodules import SyntheticDataModule
+from rsfusion.lightning_modules import TwoBranchCNN
+from rsfusion.lightning_modules.maps import ClassificationMapWriter
 
 
 def main() -> None:

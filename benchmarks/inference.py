@@ -27,7 +27,7 @@ SCENES = {  # model -> (synthetic scene kind, side, DataModule options)
 
 
 def build_model(name: str, dm, work: Path):
-    from lightning_modules import BDGF, DAS2F, M3amba, TwoBranchCNN
+    from rsfusion.lightning_modules import BDGF, DAS2F, M3amba, TwoBranchCNN
 
     common = dict(in_channels=dm.in_channels, num_classes=dm.num_classes, patch_size=dm.patch_size)
     if name == "cnn":
@@ -48,9 +48,9 @@ def predict_map(name: str, precision: str, work: Path) -> tuple[float, np.ndarra
     import lightning as L
     import rasterio
 
-    from datamodules.synthetic import SyntheticDataModule
-    from lightning_modules.inference import InferencePrecision
-    from lightning_modules.maps import ClassificationMapWriter
+    from rsfusion.datamodules.synthetic import SyntheticDataModule
+    from rsfusion.lightning_modules.inference import InferencePrecision
+    from rsfusion.lightning_modules.maps import ClassificationMapWriter
 
     kind, side, options = SCENES[name]
     dm = SyntheticDataModule(kind=kind, root=str(work / "scenes"), scene_height=side, scene_width=side,

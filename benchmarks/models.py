@@ -33,7 +33,7 @@ TINY_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 
 def build(name: str, args):
     """(model, batch maker, DataModule kwargs for full-scene prediction)."""
-    from lightning_modules import BDGF, DAS2F, M3amba, TwoBranchCNN
+    from rsfusion.lightning_modules import BDGF, DAS2F, M3amba, TwoBranchCNN
 
     if name == "bdgf":
         # Stage 2 at the spec's sizes (HSI PCA 30, patch 11, guides of 64/128/128 channels; SAR with the
@@ -113,8 +113,8 @@ def measure(name: str, args) -> dict:
 
 def bdgf_stages(args) -> str:
     """Stage 1 (DDPM step) and 1b (feature bank) at the spec's sizes, for the notes column."""
-    from lightning_modules.bdgf import BDGFDiffusion
-    from lightning_modules.networks.bdgf_diffusion import extract_feature_cube
+    from rsfusion.lightning_modules.bdgf import BDGFDiffusion
+    from rsfusion.lightning_modules.networks.bdgf_diffusion import extract_feature_cube
 
     diffusion = BDGFDiffusion({"hsi": 30, "sar": 4})
     opt = torch.optim.AdamW(diffusion.denoiser.parameters(), lr=1e-4)
@@ -136,8 +136,8 @@ def bdgf_stages(args) -> str:
 def predict_scene(model, scene: dict, args) -> dict:
     import lightning as L
 
-    from datamodules import SyntheticDataModule
-    from lightning_modules.maps import ClassificationMapWriter
+    from rsfusion.datamodules import SyntheticDataModule
+    from rsfusion.lightning_modules.maps import ClassificationMapWriter
 
     with tempfile.TemporaryDirectory() as root:
         dm = SyntheticDataModule(root=root, scene_height=args.scene, scene_width=args.scene,

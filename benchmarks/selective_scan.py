@@ -1,7 +1,7 @@
 """Selective-scan speed: every available backend vs mamba-ssm's ``selective_scan_ref`` algorithm.
 
 For each shape the models use and each backend (plus the literal-loop reference run through
-autograd, ``kernels.selective_scan_ref``: einsum-materialised deltaA / deltaB_u and a Python loop
+autograd, ``rsfusion.kernels.selective_scan_ref``: einsum-materialised deltaA / deltaB_u and a Python loop
 over L, as mamba-ssm's ``selective_scan_ref``), prints forward and forward+backward wall time, peak
 extra memory, and speed-ups against the reference. Inputs follow VMamba's SS2D call: 4 groups for
 B/C, D, delta_bias and softplus, no z, float32, the mamba test distribution.
@@ -61,7 +61,7 @@ def _worker(shape, backend, repeats, with_backward, threads):
     if threads:
         torch.set_num_threads(threads)
 
-    from kernels import selective_scan, selective_scan_ref
+    from rsfusion.kernels import selective_scan, selective_scan_ref
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = _make_inputs(shape, device)
@@ -145,7 +145,7 @@ def main():
     sys.path.insert(0, str(REPO))
     import torch
 
-    from kernels import available_backends
+    from rsfusion.kernels import available_backends
 
     backends = available_backends() if args.backends is None else args.backends.split(",")
     threads = args.threads or torch.get_num_threads()

@@ -53,9 +53,9 @@ def child(paths: dict[str, str], window: int | None, out_dir: str) -> dict:
     import lightning as L
     import torch
 
-    from datamodules import RasterDataModule
-    from lightning_modules import TwoBranchCNN
-    from lightning_modules.maps import ClassificationMapWriter
+    from rsfusion.datamodules import RasterDataModule
+    from rsfusion.lightning_modules import TwoBranchCNN
+    from rsfusion.lightning_modules.maps import ClassificationMapWriter
 
     torch.manual_seed(0)
     dm = RasterDataModule({"hsi": paths["hsi"], "dsm": paths["dsm"]}, train_labels=paths["train"],

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from datamodules.io import InputError
-from datamodules.raster import RasterDataModule
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.raster import RasterDataModule
 
 Candidates = dict[str, list[str]]
 

@@ -11,13 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from datamodules.io import InputError, RasterError, read_header, read_labels
-from datamodules.sampling import (IGNORE_INDEX, EpochShuffleSampler, PixelPatchDataset, TileDataset, collate,
+from rsfusion.datamodules.io import InputError, RasterError, read_header, read_labels
+from rsfusion.datamodules.sampling import (IGNORE_INDEX, EpochShuffleSampler, PixelPatchDataset, TileDataset, collate,
                                   covering_tiles)
-from datamodules.scene import (Normalization, Normalizer, Scene, check_label_grid, grid_ratios, load_scene,
+from rsfusion.datamodules.scene import (Normalization, Normalizer, Scene, check_label_grid, grid_ratios, load_scene,
                               reference_header)
-from datamodules.splits import block_split, pixels_inside_patches
-from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules.splits import block_split, pixels_inside_patches
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Patch and tile datasets cut on the fly from a :class:`~datamodules.scene.Scene`.
+"""Patch and tile datasets cut on the fly from a :class:`~rsfusion.datamodules.scene.Scene`.
 
 Both datasets fetch whole batches at once (``__getitems__``): one vectorised gather per modality
 instead of one slice per sample, so the data pipeline stays far ahead of the models on a CPU.
@@ -10,7 +10,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from datamodules.scene import Scene
+from rsfusion.datamodules.scene import Scene
 
 IGNORE_INDEX = -1
 

@@ -7,7 +7,7 @@ from typing import Literal, Mapping
 import numpy as np
 from affine import Affine
 
-from datamodules.io import Raster, RasterError, RasterHeader, read_header, read_raster, same_crs
+from rsfusion.datamodules.io import Raster, RasterError, RasterHeader, read_header, read_raster, same_crs
 
 Normalization = Literal["zscore", "minmax", "minmax_global", "none"]
 _TOLERANCE = 1e-3  # of a pixel: georeferencing written with float rounding still aligns

@@ -3,7 +3,7 @@
 The scene is never held whole: each window (plus a halo of ``pad`` pixels) is read from disk,
 normalised and cut into samples when its first sample is asked for. Windows reproduce the in-memory
 scene exactly: the halo comes from the neighbouring pixels and the scene edge is reflect-padded like
-:func:`~datamodules.scene.load_scene`. Normalisation statistics come from the checkpoint, the loaded
+:func:`~rsfusion.datamodules.scene.load_scene`. Normalisation statistics come from the checkpoint, the loaded
 scene, or a streaming pass over the windows (:func:`fit_streaming`).
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.io import RasterError, read_raster
-from datamodules.sampling import PixelPatchDataset, TileDataset, covering_tiles
-from datamodules.scene import (BandStats, Normalization, Normalizer, Scene, _block_mask, _coarse_valid,
+from rsfusion.datamodules.io import RasterError, read_raster
+from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset, covering_tiles
+from rsfusion.datamodules.scene import (BandStats, Normalization, Normalizer, Scene, _block_mask, _coarse_valid,
                                pca_from_moments)
 
 Window = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 on the reference grid
@@ -133,7 +133,7 @@ def _stats_from_moments(m: _Moments, mode: Normalization, lo: np.ndarray, hi: np
 def fit_streaming(source: SceneSource, windows: list[Window], modes: Mapping[str, Normalization],
                   clip_percentile: float | None = None, fit_mask: np.ndarray | None = None,
                   pca: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, Normalizer]:
-    """The normalisers :func:`~datamodules.scene.load_scene` would fit, from one window at a time.
+    """The normalisers :func:`~rsfusion.datamodules.scene.load_scene` would fit, from one window at a time.
 
     Means, standard deviations, min/max and PCA covariances are exact (float64 moments); with
     ``clip_percentile`` the percentiles come from a seeded random sample of at most
@@ -191,7 +191,7 @@ class WindowedPredictDataset(Dataset):
     """Prediction samples of the whole scene, read window by window (pixel or tile sampling).
 
     ``pixel``: windows are ``window`` x ``window`` blocks, their valid pixels the samples (row-major).
-    ``tile``: the whole scene's covering tiles (:func:`~datamodules.sampling.covering_tiles`), grouped
+    ``tile``: the whole scene's covering tiles (:func:`~rsfusion.datamodules.sampling.covering_tiles`), grouped
     by the block their origin falls in, so the tiles and owned pixels equal the in-memory ones.
     Samples carry global ``index`` / ``origin`` like the in-memory datasets. Indices must come in
     (mostly) increasing order, as prediction asks for them: one window is cached at a time.

@@ -4,9 +4,9 @@
 * ``selective_scan_ref``: the one readable reference implementation (mamba-ssm ``selective_scan_ref``).
 * ``cross_scan`` / ``cross_merge``: VMamba's four-direction SS2D routing, with hand-written backward.
 """
-from kernels.cross_scan import cross_merge, cross_scan
-from kernels.reference import selective_scan_ref
-from kernels.dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
+from rsfusion.kernels.cross_scan import cross_merge, cross_scan
+from rsfusion.kernels.reference import selective_scan_ref
+from rsfusion.kernels.dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
 
 __all__ = ["selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "available_backends",
            "resolve_backend", "BACKENDS", "ENV_VAR"]

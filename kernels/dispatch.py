@@ -9,7 +9,7 @@ Backends (spec §6):
 
 ``backend="auto"`` honours the ``RSFUSION_SCAN_BACKEND`` environment variable if it is set, otherwise
 picks cuda, else triton on a GPU, else torch. An explicit ``backend=`` argument wins over the
-environment variable. The first use of each backend is logged once (logger ``"kernels"``).
+environment variable. The first use of each backend is logged once (logger ``"rsfusion.kernels"``).
 """
 import functools
 import importlib
@@ -20,11 +20,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.scan_torch import scan_core_torch
+from rsfusion.kernels.scan_torch import scan_core_torch
 
 __all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "ENV_VAR"]
 
-logger = logging.getLogger("kernels")
+logger = logging.getLogger("rsfusion.kernels")
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "RSFUSION_SCAN_BACKEND"
@@ -52,7 +52,7 @@ def _mamba_selective_scan_fn():
 def _triton_scan():
     """This project's Triton ``selective_scan_triton`` if Triton imports, else None (never raises)."""
     try:
-        from kernels import scan_triton
+        from rsfusion.kernels import scan_triton
     except (ImportError, OSError, RuntimeError) as err:
         logger.debug("Triton selective scan unavailable: %s", err)
         return None

@@ -4,7 +4,7 @@ It restates mamba-ssm's ``selective_scan_ref`` (mamba_ssm/ops/selective_scan_int
 A: materialise exp(delta * A) and delta * B * u as (batch, dim, L, N) tensors with einsum, then loop
 over L in Python, contracting with C at every step. It is slow on purpose (its autograd backward is
 quadratic in L, spec §4.3) and serves as the readable statement of the semantics and as the
-benchmark baseline; the backends in ``kernels.dispatch`` are the fast paths.
+benchmark baseline; the backends in ``rsfusion.kernels.dispatch`` are the fast paths.
 """
 import torch
 import torch.nn.functional as F

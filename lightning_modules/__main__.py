@@ -1,3 +1,3 @@
-from lightning_modules.cli import main
+from rsfusion.lightning_modules.cli import main
 
 main()

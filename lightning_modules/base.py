@@ -18,8 +18,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
 
-from datamodules.io import InputError
-from datamodules.sampling import IGNORE_INDEX
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.sampling import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.base import Batch, FusionClassifier
-from lightning_modules.networks.baseline import TwoBranchCNNNet
+from rsfusion.lightning_modules.base import Batch, FusionClassifier
+from rsfusion.lightning_modules.networks.baseline import TwoBranchCNNNet
 
 
 class TwoBranchCNN(FusionClassifier):

@@ -1,6 +1,6 @@
 """BDGF (Liu et al., arXiv 2509.23310) end to end: DDPM pre-training, feature bank, guided classifier.
 
-Two LightningModules on the suite's :class:`~datamodules.raster.RasterDataModule`:
+Two LightningModules on the suite's :class:`~rsfusion.datamodules.raster.RasterDataModule`:
 
 - :class:`BDGFPretrain` -- stage 1 alone: the multimodal DDPM with adaptive modality masking,
   trained on random unlabelled tiles of the whole scene (``lightning fit --config
@@ -46,14 +46,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from datamodules.feature_bank import (array_digest, cache_key, external_bank_channels, load_bank,
+from rsfusion.datamodules.feature_bank import (array_digest, cache_key, external_bank_channels, load_bank,
                                       read_external_bank, save_bank)
-from datamodules.io import InputError, atomic_path
-from datamodules.sampling import IGNORE_INDEX
-from lightning_modules.base import Batch, FusionClassifier
-from lightning_modules.networks.bdgf import (BRANCHES, DEFAULT_GUIDE_LEVELS, BDGFNet, BDGFOutput, bdgf_loss,
+from rsfusion.datamodules.io import InputError, atomic_path
+from rsfusion.datamodules.sampling import IGNORE_INDEX
+from rsfusion.lightning_modules.base import Batch, FusionClassifier
+from rsfusion.lightning_modules.networks.bdgf import (BRANCHES, DEFAULT_GUIDE_LEVELS, BDGFNet, BDGFOutput, bdgf_loss,
                                              warmup_weight)
-from lightning_modules.networks.bdgf_diffusion import (DiffusionSchedule, ModalityMaskingController,
+from rsfusion.lightning_modules.networks.bdgf_diffusion import (DiffusionSchedule, ModalityMaskingController,
                                                        MultimodalDenoiserUNet, ddpm_training_loss, draw_channel_mask,
                                                        extract_feature_cube, feature_cube_channels)
 
@@ -410,7 +410,7 @@ class BDGFPretrain(FusionClassifier):
         """No classification metrics: the DDPM is judged by its denoising loss."""
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Batch:
-        raise InputError("BDGFPretrain has no classification output: train lightning_modules.BDGF with "
+        raise InputError("BDGFPretrain has no classification output: train BDGF with "
                          "ddpm_checkpoint=<this checkpoint> to map the scene")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -11,14 +11,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-import datamodules  # noqa: F401  (registers the DataModules for short class names)
-import lightning_modules  # noqa: F401  (registers the models)
-from datamodules.io import InputError
-from datamodules.raster import RasterDataModule
-from lightning_modules.base import FusionClassifier
-from lightning_modules.inference import ensure_inference_precision
-from lightning_modules.maps import ensure_map_writer
-from lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
+from rsfusion import datamodules  # noqa: F401  (registers the DataModules for short class names)
+from rsfusion import lightning_modules  # noqa: F401  (registers the models)
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.raster import RasterDataModule
+from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.inference import ensure_inference_precision
+from rsfusion.lightning_modules.maps import ensure_map_writer
+from rsfusion.lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
                                          make_wandb_logger)
 
 
@@ -102,13 +102,13 @@ def cli_kwargs() -> dict:
 
 
 # ``rsfusion <command>`` with their own argparse entry points, dispatched before LightningCLI parses
-EXTRA_COMMANDS = {"export": "lightning_modules.export", "evaluate": "lightning_modules.evaluate"}
+EXTRA_COMMANDS = {"export": "rsfusion.lightning_modules.export", "evaluate": "rsfusion.lightning_modules.evaluate"}
 EXTRA_HELP = ("more commands: 'rsfusion export --help' (a checkpoint as a torch.export/ONNX program that runs "
               "without rsfusion), 'rsfusion evaluate --help' (score any classification map against a label raster)")
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m lightning_modules``)."""
+    """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m rsfusion.lightning_modules``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])

@@ -78,8 +78,8 @@ def run_config(config: dict, run_dir: Path, seed: int) -> Path:
 
 def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, overrides: list[str]) -> RunResult:
     """One ``fit`` + test of the best checkpoint + timed full-scene prediction, in this process."""
-    from lightning_modules.cli import RSFusionCLI, cli_kwargs
-    from lightning_modules.maps import ensure_map_writer
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.maps import ensure_map_writer
 
     run_dir = output / label / f"seed{seed}"
     if run_dir.exists():
@@ -164,7 +164,7 @@ def maps_figure(path: Path, results: list[RunResult]) -> None:
     import rasterio
     from matplotlib.patches import Patch
 
-    from datamodules.io import atomic_path
+    from rsfusion.datamodules.io import atomic_path
 
     firsts = [next(r for r in results if r.label == label) for label in dict.fromkeys(r.label for r in results)]
     firsts = [r for r in firsts if r.map_path is not None]

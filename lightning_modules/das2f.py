@@ -5,9 +5,9 @@ from typing import Literal
 
 import torch
 
-from datamodules.io import InputError
-from lightning_modules.base import Batch, FusionClassifier
-from lightning_modules.networks.das2f import DAS2FNet
+from rsfusion.datamodules.io import InputError
+from rsfusion.lightning_modules.base import Batch, FusionClassifier
+from rsfusion.lightning_modules.networks.das2f import DAS2FNet
 
 VARIANT_STAGES = {"nanjing": 2, "smallxian": 1}
 

@@ -2,7 +2,7 @@
 
 The map (classes 1..K, 0 or the file's nodata = no prediction) and the labels (1..K, 0 or nodata =
 unlabelled) are read in row strips, so memory does not grow with the scene, and each labelled pixel
-is counted once. The metrics are the suite's own (:func:`lightning_modules.base.classification_metrics`,
+is counted once. The metrics are the suite's own (:func:`rsfusion.lightning_modules.base.classification_metrics`,
 torchmetrics), so a map written by ``lightning predict`` scores exactly what ``lightning test``
 reports. A labelled pixel the map leaves without a prediction counts as wrong: it is scored as an
 extra "no prediction" class (a column of the confusion matrix; it lowers OA, its true class's
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from datamodules.io import InputError, RasterError, read_header, read_raster
-from datamodules.scene import _grid_ratio
+from rsfusion.datamodules.io import InputError, RasterError, read_header, read_raster
+from rsfusion.datamodules.scene import _grid_ratio
 
 STRIP_ROWS = 256
 
@@ -69,7 +69,7 @@ def evaluate_map(map_path: str, labels_path: str, class_names: list[str] | None 
     outside 1..K are an error naming the file; labelled pixels without a prediction count as wrong.
     ``label_nodata`` is a label value meaning "unlabelled" besides 0 (e.g. -1 in MUUFL).
     """
-    from lightning_modules.base import classification_metrics
+    from rsfusion.lightning_modules.base import classification_metrics
 
     shape = check_same_grid(map_path, labels_path)
     if class_names and num_classes is not None and len(class_names) != num_classes:

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from datamodules.io import InputError
-from datamodules.scene import Normalizer
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.scene import Normalizer
 
 ONNX_HINT = 'pip install "rsfusion[export]"'
-FEATURE_KEY = "ddpm_features"  # lightning_modules.bdgf.FEATURE_KEY (not imported: keeps this module light)
+FEATURE_KEY = "ddpm_features"  # rsfusion.lightning_modules.bdgf.FEATURE_KEY (not imported: keeps this module light)
 
 
 class RawNormalization(nn.Module):
-    """:meth:`datamodules.scene.Normalizer.apply` in torch for (B, C, H, W): clip, offset/scale, PCA."""
+    """:meth:`rsfusion.datamodules.scene.Normalizer.apply` in torch for (B, C, H, W): clip, offset/scale, PCA."""
 
     def __init__(self, normalizer: Normalizer):
         super().__init__()
@@ -94,7 +94,7 @@ def _datamodule_state(checkpoint: dict) -> dict:
 
 def load_checkpoint(path: str | Path):
     """(classifier in eval mode, checkpoint dict) of a ``lightning fit`` checkpoint, or a one-line error."""
-    from lightning_modules.base import FusionClassifier
+    from rsfusion.lightning_modules.base import FusionClassifier
 
     path = Path(path)
     if not path.is_file():
@@ -117,8 +117,8 @@ def load_checkpoint(path: str | Path):
 def input_ratios(model, checkpoint: dict, given: dict[str, int] | None = None) -> dict[str, int]:
     """Each modality's resolution ratio to the reference grid: ``given``, else the checkpoint's
     DataModule rasters (when they are still on disk), else DAS2F's PAN at 4x, else 1."""
-    from datamodules.io import read_header
-    from datamodules.scene import grid_ratios
+    from rsfusion.datamodules.io import read_header
+    from rsfusion.datamodules.scene import grid_ratios
 
     ratios = {name: 1 for name in model.in_channels}
     state = _datamodule_state(checkpoint)
@@ -134,7 +134,7 @@ def input_ratios(model, checkpoint: dict, given: dict[str, int] | None = None) -
     if found is not None:
         ratios.update({k: v for k, v in found.items() if k in ratios})
     elif type(model).__name__ == "DAS2F":
-        from lightning_modules.networks.das2f import PAN_TO_MS
+        from rsfusion.lightning_modules.networks.das2f import PAN_TO_MS
 
         ratios[model.pan_key] = PAN_TO_MS
     for name, ratio in (given or {}).items():
@@ -178,7 +178,7 @@ MAX_BATCH = 1 << 16  # the exported programs' batch dimension is dynamic up to t
 
 
 def _time_major_one_copy(x: torch.Tensor) -> torch.Tensor:
-    """``kernels.scan_torch._time_major`` (batch, ..., L) -> contiguous (L, batch, ...), as one copy."""
+    """``rsfusion.kernels.scan_torch._time_major`` (batch, ..., L) -> contiguous (L, batch, ...), as one copy."""
     return x.reshape(-1, x.shape[-1]).t().contiguous().view(x.shape[-1], *x.shape[:-1])
 
 
@@ -187,7 +187,7 @@ def traceable_scan():
     """Trace the selective scan's pure-torch path (never Triton / mamba-ssm), with its time-major
     transposes as one copy: their cache blocking is a Python loop over batch x channel rows, which
     would fix the batch size in the graph."""
-    from kernels import ENV_VAR, scan_torch
+    from rsfusion.kernels import ENV_VAR, scan_torch
 
     before = os.environ.get(ENV_VAR), scan_torch._time_major
     os.environ[ENV_VAR] = "torch"

@@ -5,15 +5,15 @@ from typing import Literal
 
 import torch
 
-from datamodules.io import InputError
-from lightning_modules.base import Batch, FusionClassifier
-from lightning_modules.networks.m3amba import M3ambaNet, m3amba_loss, m3amba_param_groups
+from rsfusion.datamodules.io import InputError
+from rsfusion.lightning_modules.base import Batch, FusionClassifier
+from rsfusion.lightning_modules.networks.m3amba import M3ambaNet, m3amba_loss, m3amba_param_groups
 
 
 class M3amba(FusionClassifier):
     """M3amba (CLIP-driven Mamba, arXiv 2503.06446) on ``tile`` sampling.
 
-    The network is the authors' (see :class:`~lightning_modules.networks.m3amba.M3ambaNet`); the
+    The network is the authors' (see :class:`~rsfusion.lightning_modules.networks.m3amba.M3ambaNet`); the
     training recipe is not public, so every training default here is rsfusion's own [D]: AdamW
     lr 1e-4, weight decay 0.05 (none on A_logs, Ds and norms), cosine schedule, loss = 1.0 x mean
     CE of the three heads + 0.1 x cosine consistency of each modality's output with the fused one.

@@ -11,7 +11,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.io import GeoTiffWriter, atomic_path, read_preview
+from rsfusion.datamodules.io import GeoTiffWriter, atomic_path, read_preview
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ClassificationMapWriter(Callback):
         return self._out / f".{self.name}.parts"
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        from lightning_modules.reporting import Progress
+        from rsfusion.lightning_modules.reporting import Progress
 
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         self._out = Path(self.output_dir or Path(log_dir or trainer.default_root_dir) / "predictions")
@@ -126,7 +126,7 @@ class ClassificationMapWriter(Callback):
         seconds = time.perf_counter() - self._start
         rank_zero_info(f"Classification map written to {tif} and {png} ({predicted:,} pixels "
                        f"predicted in {seconds:.1f} s)")
-        from lightning_modules.reporting import log_picture
+        from rsfusion.lightning_modules.reporting import log_picture
 
         log_picture(trainer, "predict/classification_map", png, f"{type(pl_module).__name__} classification map")
 

@@ -6,7 +6,7 @@ with ``program: rsfusion``. The agent expands ``${args}`` to ``--key=value`` per
 does the same expansion with wandb's own helpers, so a sweep can be checked (and a trial reproduced)
 without a W&B server::
 
-    python -m lightning_modules.sweeps configs/sweeps/das2f_synthetic.yaml --seed 3
+    python -m rsfusion.lightning_modules.sweeps configs/sweeps/das2f_synthetic.yaml --seed 3
 """
 from __future__ import annotations
 

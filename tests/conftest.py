@@ -38,7 +38,7 @@ def write_tif(path: Path, data: np.ndarray, res: float = 10.0, origin=(500_000.0
 @pytest.fixture(scope="session")
 def tiny_hsi_scene(tmp_path_factory) -> dict[str, Path]:
     """A small synthetic HSI + DSM scene (the generator the demo uses, at test size)."""
-    from datamodules.synthetic import ensure_scene
+    from rsfusion.datamodules.synthetic import ensure_scene
 
     return ensure_scene(tmp_path_factory.mktemp("scenes"), "hsi_dsm", seed=0, height=40, width=48, bands=8,
                         train_per_class=15)

@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from datamodules.feature_bank import load_bank
-from datamodules.raster import RasterDataModule
-from datamodules.synthetic import ensure_scene
-from lightning_modules import BDGF, BDGFPretrain
-from lightning_modules.bdgf import FEATURE_KEY, RandomSceneTiles, load_ddpm_payload, payload_digest, pretrain_ddpm
+from rsfusion.datamodules.feature_bank import load_bank
+from rsfusion.datamodules.raster import RasterDataModule
+from rsfusion.datamodules.synthetic import ensure_scene
+from rsfusion.lightning_modules import BDGF, BDGFPretrain
+from rsfusion.lightning_modules.bdgf import FEATURE_KEY, RandomSceneTiles, load_ddpm_payload, payload_digest, pretrain_ddpm
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_berlin", "bdgf_yellow_river_template",
@@ -185,8 +185,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 
 def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
-    from lightning_modules.base import FusionClassifier
-    from lightning_modules.cli import RSFusionCLI
+    from rsfusion.lightning_modules.base import FusionClassifier
+    from rsfusion.lightning_modules.cli import RSFusionCLI
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
     config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
@@ -310,17 +310,17 @@ def test_spec_default_sizes():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_parse_without_their_data(name, capsys):
-    from lightning_modules.cli import main
+    from rsfusion.lightning_modules.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
-    assert model["class_path"] == ("lightning_modules.BDGFPretrain" if "pretrain" in name else "lightning_modules.BDGF")
+    assert model["class_path"] == ("rsfusion.lightning_modules.BDGFPretrain" if "pretrain" in name else "rsfusion.lightning_modules.BDGF")
     data = printed["data"]["init_args"]
     if name != "bdgf_synthetic":
-        assert printed["data"]["class_path"] == "datamodules.RasterDataModule"
+        assert printed["data"]["class_path"] == "rsfusion.datamodules.RasterDataModule"
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
     if name in ("bdgf_augsburg", "bdgf_berlin"):
         assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.networks.bdgf import (
+from rsfusion.lightning_modules.networks.bdgf import (
     BDGFNet,
     CNNBranch,
     MambaBranch,
@@ -15,7 +15,7 @@ from lightning_modules.networks.bdgf import (
     feature_similarity_loss,
     warmup_weight,
 )
-from lightning_modules.networks.bdgf_diffusion import (
+from rsfusion.lightning_modules.networks.bdgf_diffusion import (
     DiffusionSchedule,
     ModalityMaskingController,
     MultimodalDenoiserUNet,

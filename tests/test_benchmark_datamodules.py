@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from datamodules import Houston2013DataModule, InputError, MSPanDataModule, MUUFLDataModule
+from rsfusion.datamodules import Houston2013DataModule, InputError, MSPanDataModule, MUUFLDataModule
 
 
 def _fake_maps(shape, rng, classes):
@@ -51,7 +51,7 @@ def test_muufl_minus_one_means_unlabelled(tmp_path):
 
 
 def test_ms_pan_layout_from_the_synthetic_generator(tmp_path):
-    from datamodules.synthetic import make_mspan_scene
+    from rsfusion.datamodules.synthetic import make_mspan_scene
 
     make_mspan_scene(tmp_path, height=24, width=20, train_per_class=8)
     dm = MSPanDataModule(root=str(tmp_path), patch_size=4)

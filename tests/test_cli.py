@@ -61,7 +61,7 @@ def test_fit_tests_and_writes_a_georeferenced_map_then_predict_from_checkpoint(t
     assert (run / "predictions" / "classification_map.png").stat().st_size > 1000
 
     ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
-    from lightning_modules import TwoBranchCNN
+    from rsfusion.lightning_modules import TwoBranchCNN
 
     restored = TwoBranchCNN.load_from_checkpoint(ckpt)  # outside the CLI too
     assert restored.in_channels == {"hsi": 48, "dsm": 1} and restored.class_names[0] == "Trees"
@@ -82,7 +82,7 @@ def test_fit_tests_and_writes_a_georeferenced_map_then_predict_from_checkpoint(t
 
 def test_bad_raster_is_one_line_error_not_a_traceback(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["data"] = {"class_path": "datamodules.RasterDataModule",
+    config["data"] = {"class_path": "rsfusion.datamodules.RasterDataModule",
                       "init_args": {"modalities": {"hsi": str(tmp_path / "missing.tif")},
                                     "train_labels": str(tmp_path / "t.tif"), "test_labels": str(tmp_path / "t.tif")}}
     path = tmp_path / "bad.yaml"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lightning_modules.compare import mean_std, parse_config_spec, run_config
+from rsfusion.lightning_modules.compare import mean_std, parse_config_spec, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
@@ -51,7 +51,7 @@ def test_compare_two_configs_over_two_seeds(tmp_path):
         expected_columns += [f"{name}_mean", f"{name}_std"]
     assert list(rows[0]) == expected_columns
 
-    from lightning_modules import TwoBranchCNN
+    from rsfusion.lightning_modules import TwoBranchCNN
 
     for row, label in zip(rows, ["fusion", "HSI-only"]):
         assert row["seeds"] == "0 1" and row["model"] == "TwoBranchCNN"

@@ -1,8 +1,8 @@
-"""kernels.cross_scan / cross_merge: the four SS2D routes, their sum, and hand-written backward."""
+"""rsfusion.kernels.cross_scan / cross_merge: the four SS2D routes, their sum, and hand-written backward."""
 import pytest
 import torch
 
-from kernels import cross_merge, cross_scan
+from rsfusion.kernels import cross_merge, cross_scan
 
 
 def routes_by_index(x):

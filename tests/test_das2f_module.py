@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.io import InputError
-from lightning_modules import DAS2F
+from rsfusion.datamodules.io import InputError
+from rsfusion.lightning_modules import DAS2F
 from tests.conftest import tiny_config
 
 TINY = dict(d_model=16, d_state=4, dt_rank=4, head_hidden=16)

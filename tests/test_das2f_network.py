@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import selective_scan, selective_scan_ref
-from lightning_modules.networks import das2f
-from lightning_modules.networks.das2f import (
+from rsfusion.kernels import selective_scan, selective_scan_ref
+from rsfusion.lightning_modules.networks import das2f
+from rsfusion.lightning_modules.networks.das2f import (
     Aalf, AttentionAwareFusion, CrossSpvm, DAS2FNet, Spvm, SpvmBlock, pixel_shuffle_tokens)
 
 # A narrow network on a 4x4 MS / 16x16 PAN patch: same graph, small enough for CPU backward passes.

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_modules import evaluate
-from lightning_modules.cli import main
+from rsfusion.lightning_modules import evaluate
+from rsfusion.lightning_modules.cli import main
 from tests.conftest import tiny_config, write_tif
 
 

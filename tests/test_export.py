@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.scene import Normalizer
-from lightning_modules.cli import main
-from lightning_modules.export import FEATURE_KEY, load_checkpoint
+from rsfusion.datamodules.scene import Normalizer
+from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.export import FEATURE_KEY, load_checkpoint
 from tests.conftest import tiny_config
 from tests.test_bdgf_module import TINY_DDPM, TINY_NET
 from tests.test_das2f_module import TINY as DAS2F_TINY
@@ -46,7 +46,7 @@ import importlib.util, sys
 sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
 sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
 sys.path_importer_cache.clear()
-for name in ("lightning_modules", "datamodules", "kernels"):
+for name in ("rsfusion", "lightning_modules", "datamodules", "kernels"):
     assert importlib.util.find_spec(name) is None, f"{name} is importable"
 import numpy as np
 inputs = dict(np.load(sys.argv[2]))

@@ -7,9 +7,9 @@ import pytest
 import rasterio
 import torch
 
-from lightning_modules import DAS2F, TwoBranchCNN
-from lightning_modules.cli import main
-from lightning_modules.inference import InferencePrecision
+from rsfusion.lightning_modules import DAS2F, TwoBranchCNN
+from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.inference import InferencePrecision
 from tests.conftest import tiny_config
 from tests.test_das2f_module import TINY as DAS2F_TINY
 
@@ -38,7 +38,7 @@ def test_bf16_runs_only_during_predict_and_returns_float32_scores():
 
 
 def test_the_scan_stays_float32_under_bf16():
-    from kernels import dispatch
+    from rsfusion.kernels import dispatch
 
     calls, inputs = [], []
     original, backend = dispatch.scan_core_torch, dispatch._torch_backend

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from datamodules import RasterDataModule, RasterError
-from datamodules.io import atomic_path, read_labels, read_raster
+from rsfusion.datamodules import RasterDataModule, RasterError
+from rsfusion.datamodules.io import atomic_path, read_labels, read_raster
 from tests.conftest import write_tif
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.io import InputError
-from lightning_modules import M3amba
+from rsfusion.datamodules.io import InputError
+from rsfusion.lightning_modules import M3amba
 from tests.conftest import tiny_config
 
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from lightning_modules.networks.m3amba import (
+from rsfusion.lightning_modules.networks.m3amba import (
     CrossSS2D, CrossVSSBlock, M3ambaNet, m3amba_loss, m3amba_param_groups)
 
 TINY = dict(hsi_channels=5, aux_channels=2, num_classes=3, dims=8, depth=2, d_state=4,

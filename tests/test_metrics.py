@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, confusion_matrix, recall_score
 
-from lightning_modules.base import classification_metrics
-from lightning_modules import TwoBranchCNN
+from rsfusion.lightning_modules.base import classification_metrics
+from rsfusion.lightning_modules import TwoBranchCNN
 
 
 def test_oa_aa_kappa_match_scikit_learn():

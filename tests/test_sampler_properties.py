@@ -5,8 +5,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datamodules.sampling import PixelPatchDataset
-from datamodules.scene import load_scene
+from rsfusion.datamodules.sampling import PixelPatchDataset
+from rsfusion.datamodules.scene import load_scene
 from tests.conftest import write_tif
 
 SENTINEL = -9999.0

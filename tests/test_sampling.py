@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules import RasterDataModule
-from datamodules.io import read_raster
-from datamodules.sampling import IGNORE_INDEX, covering_tiles
-from datamodules.scene import fit_band_stats
-from datamodules.splits import block_split, pixels_inside_patches
+from rsfusion.datamodules import RasterDataModule
+from rsfusion.datamodules.io import read_raster
+from rsfusion.datamodules.sampling import IGNORE_INDEX, covering_tiles
+from rsfusion.datamodules.scene import fit_band_stats
+from rsfusion.datamodules.splits import block_split, pixels_inside_patches
 from tests.conftest import write_tif
 
 

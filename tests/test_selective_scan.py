@@ -1,4 +1,4 @@
-"""kernels.selective_scan (torch backend, dispatch, validation) against a literal step-by-step oracle."""
+"""rsfusion.kernels.selective_scan (torch backend, dispatch, validation) against a literal step-by-step oracle."""
 import logging
 import sys
 import types
@@ -6,9 +6,9 @@ import types
 import pytest
 import torch
 
-import kernels
-from kernels import selective_scan, selective_scan_ref
-from kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, resolve_backend
+from rsfusion import kernels
+from rsfusion.kernels import selective_scan, selective_scan_ref
+from rsfusion.kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, resolve_backend
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -222,7 +222,7 @@ def test_torch_backend_stays_float32_under_autocast():
 def test_torch_backend_state_sum_strategies_match_oracle(monkeypatch, nstate, loop_max_n):
     """Both ways of summing over N (an addcmul loop for small N; a matmul, or a product-sum for the
     per-channel A weight, for large N) give the oracle's values and gradients, over several chunks."""
-    monkeypatch.setattr("kernels.scan_torch._LOOP_MAX_N", loop_max_n)
+    monkeypatch.setattr("rsfusion.kernels.scan_torch._LOOP_MAX_N", loop_max_n)
     inputs = make_inputs(2, 8, 37, nstate, groups=2, extras=True)
     grad_out = torch.randn(2, 8, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert_torch_backend_matches_oracle(inputs, grad_out, True)
@@ -297,15 +297,15 @@ def test_unknown_backend_and_bad_env_var_raise(monkeypatch):
 
 def test_auto_falls_back_to_torch_on_cpu_and_logs_once(monkeypatch, caplog):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setattr("kernels.dispatch._logged_backends", set())
+    monkeypatch.setattr("rsfusion.kernels.dispatch._logged_backends", set())
     inputs = _base()
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="rsfusion.kernels"):
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
         first = selective_scan(**inputs)
         second = selective_scan(**inputs)
     assert torch.equal(first, second)
     torch.testing.assert_close(first, selective_scan(**inputs, backend="torch"))
-    messages = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "rsfusion.kernels"]
     assert len(messages) == 1 and "'torch' backend" in messages[0]
 
 
@@ -373,8 +373,8 @@ def test_cuda_backend_forwards_mamba_arguments(monkeypatch):
                         delta_softplus=delta_softplus, return_last_state=return_last_state)
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
-    monkeypatch.setattr("kernels.dispatch._mamba_selective_scan_fn", lambda: fake_selective_scan_fn)
-    monkeypatch.setattr("kernels.dispatch.resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setattr("rsfusion.kernels.dispatch._mamba_selective_scan_fn", lambda: fake_selective_scan_fn)
+    monkeypatch.setattr("rsfusion.kernels.dispatch.resolve_backend", lambda backend, device: "cuda")
     inputs = make_inputs(2, 4, 6, 3, groups=None, extras=True, dtype=torch.float16)
     inputs["delta"] = inputs["delta"].float()  # mamba's op needs delta in u's dtype: cast for it
     out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="cuda")

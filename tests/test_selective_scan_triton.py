@@ -1,4 +1,4 @@
-"""Triton backend of kernels.selective_scan against the literal oracle, forward and backward.
+"""Triton backend of rsfusion.kernels.selective_scan against the literal oracle, forward and backward.
 
 With a GPU the tests run the compiled kernels here. Without one they need the Triton interpreter,
 and TRITON_INTERPRET=1 must be set before triton itself is first imported (triton's own
@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not importable: the Triton backend cannot be tested")
 
-from kernels import dispatch, resolve_backend, selective_scan  # noqa: E402
+from rsfusion.kernels import dispatch, resolve_backend, selective_scan  # noqa: E402
 
 
 def _load_sibling(name):
@@ -52,7 +52,7 @@ def test_triton_tests_in_interpreter_subprocess():
 
 @pytest.fixture(scope="module")
 def scan_triton():
-    return importlib.import_module("kernels.scan_triton")
+    return importlib.import_module("rsfusion.kernels.scan_triton")
 
 
 def _on_device(inputs):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import selective_scan_ref
-from lightning_modules.networks.ss2d import SS2D, DropPath, VSSBlock
+from rsfusion.kernels.reference import selective_scan_ref
+from rsfusion.lightning_modules.networks.ss2d import SS2D, DropPath, VSSBlock
 
 
 def _direct_ss2d(module, x):

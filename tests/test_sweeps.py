@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.cli import main
-from lightning_modules.sweeps import agent_command, load_sweep, sample_parameters
+from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.sweeps import agent_command, load_sweep, sample_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))

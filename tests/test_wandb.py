@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_modules import reporting
+from rsfusion.lightning_modules import reporting
 from tests.conftest import tiny_config
 
 
@@ -91,7 +91,7 @@ def test_fit_logs_metrics_config_and_pictures_to_an_offline_wandb_run(tmp_path):
     media = {p.parent.name + "/" + p.name.split("_")[0] for p in (wandb_run / "files" / "media").rglob("*.png")}
     assert {"test/confusion", "predict/classification"} <= media
     # the full resolved config (not just the model's hyper-parameters) is the run's config
-    assert config["model"]["class_path"] == "lightning_modules.TwoBranchCNN"
+    assert config["model"]["class_path"] == "rsfusion.lightning_modules.TwoBranchCNN"
     assert config["model"]["init_args"]["width"] == 8 and config["trainer"]["max_epochs"] == 2
     assert config["wandb"]["group"] == "tiny" and config["lr"] == 0.003
 

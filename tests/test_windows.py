@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules import RasterDataModule
-from datamodules.io import InputError
-from datamodules.scene import load_scene
-from datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules import RasterDataModule
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.scene import load_scene
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
 from tests.conftest import write_tif
 
 H, W = 23, 29

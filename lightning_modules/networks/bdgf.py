@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.networks.bdgf_diffusion import check_modality_channels
-from lightning_modules.networks.ss2d import SS2D
+from rsfusion.lightning_modules.networks.bdgf_diffusion import check_modality_channels
+from rsfusion.lightning_modules.networks.ss2d import SS2D
 
 __all__ = [
     "BRANCHES",

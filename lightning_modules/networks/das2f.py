@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cross_merge, cross_scan, selective_scan
+from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 
 __all__ = ["DAS2FNet", "pixel_shuffle_tokens"]
 
 PAN_TO_MS = 4  # PAN resolution / MS resolution; also the stem patch and the SPVM unfold factor
-NUM_DIRECTIONS = 4  # SS2D scan orders (see kernels.cross_scan)
+NUM_DIRECTIONS = 4  # SS2D scan orders (see rsfusion.kernels.cross_scan)
 FUSION_SHUFFLE = 2  # PS2: pixel-shuffle factor applied to every map before fusion
 
 

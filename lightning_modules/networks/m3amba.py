@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.networks.ss2d import (
+from rsfusion.lightning_modules.networks.ss2d import (
     SS2D, DirectionalSSM, DropPath, Mlp, VSSBlock, resolve_dt_rank, vmamba_init_weights)
 
 EXCHANGES = ("B", "C", "none")

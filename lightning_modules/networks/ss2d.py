@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cross_merge, cross_scan, selective_scan
+from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 
 NUM_DIRECTIONS = 4
 
