@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rsfusion.kernels.reference import selective_scan_ref
-from rsfusion.lightning_modules.networks.ss2d import SS2D, DropPath, VSSBlock
+from rsfusion.lightning_modules.networks.layers import DropPath
+from rsfusion.lightning_modules.networks.ss2d import SS2D, VSSBlock
 
 
 def _direct_ss2d(module, x):

@@ -20,18 +20,17 @@ in the cross branch, both modalities) go through one grouped ``selective_scan`` 
 one call per direction; the AALF outer product is computed in its equal scalar form alpha * B;
 the patch geometry follows the ``ms_patch_size`` argument instead of hard-coded reshapes.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
+from rsfusion.lightning_modules.networks.layers import (
+    NUM_DIRECTIONS, Mlp, directional_ssm_parameters, mamba_init_, project_directions)
 
 __all__ = ["DAS2FNet", "pixel_shuffle_tokens"]
 
 PAN_TO_MS = 4  # PAN resolution / MS resolution; also the stem patch and the SPVM unfold factor
-NUM_DIRECTIONS = 4  # SS2D scan orders (see rsfusion.kernels.cross_scan)
 FUSION_SHUFFLE = 2  # PS2: pixel-shuffle factor applied to every map before fusion
 
 
@@ -43,19 +42,6 @@ def pixel_shuffle_tokens(x, factor):
     this is SPVM's space-preserving unfold, with factor 2 the PS2 step before fusion.
     """
     return F.pixel_shuffle(x.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
-
-
-class Mlp(nn.Module):
-    """Token MLP: Linear(d, ratio*d) -> GELU -> Linear(ratio*d, d) on (..., d). [C]"""
-
-    def __init__(self, dim, mlp_ratio=4):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, dim * mlp_ratio)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim * mlp_ratio, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SpvmParameters(nn.Module):
@@ -76,30 +62,15 @@ class SpvmParameters(nn.Module):
         self.local_conv = nn.Conv2d(unfolded, unfolded, 3, padding=1, groups=unfolded)
         self.patch_conv = nn.Conv2d(unfolded, d_model, PAN_TO_MS, stride=PAN_TO_MS)
         self.patch_norm = nn.BatchNorm2d(d_model)
-        self.x_proj_weight = nn.Parameter(torch.empty(NUM_DIRECTIONS, dt_rank + 2 * d_state, d_model))
-        self.dt_proj_weight = nn.Parameter(torch.empty(NUM_DIRECTIONS, d_model, dt_rank))
-        self.dt_proj_bias = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_model))
-        self.A_log = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_model, d_state))
-        self.D = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_model))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        (self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log,
+         self.D) = directional_ssm_parameters(d_model, d_state, dt_rank, flat_dt_bias=True)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.reset_ssm_parameters()
 
-    @torch.no_grad()
     def reset_ssm_parameters(self):
-        """VMamba ``mamba_init`` [C]: W_x ~ nn.Linear default U(±d^-½), W_dt ~ U(±R^-½),
-        Δ-bias = softplus⁻¹(dt) with dt ~ logU[dt_min, dt_max] floored at dt_init_floor,
-        A_log = log(1..N) per channel (S4D-real), D = 1."""
-        nn.init.uniform_(self.x_proj_weight, -self.d_model ** -0.5, self.d_model ** -0.5)
-        nn.init.uniform_(self.dt_proj_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_span = math.log(self.dt_max) - math.log(self.dt_min)
-        dt = torch.exp(torch.rand_like(self.dt_proj_bias) * log_span + math.log(self.dt_min))
-        dt = dt.clamp(min=self.dt_init_floor)
-        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        state_index = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
-        self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))
-        self.D.fill_(1.0)
+        """VMamba ``mamba_init`` [C] (see :func:`~rsfusion.lightning_modules.networks.layers.mamba_init_`)."""
+        mamba_init_(self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D,
+                    self.dt_min, self.dt_max, self.dt_init_floor)
 
     def gate(self, u):
         """z = SiLU(W_in u): (B, H, W, d) -> (B, H, W, d)."""
@@ -116,9 +87,7 @@ class SpvmParameters(nn.Module):
         x = F.silu(self.local_conv(x))
         x = self.patch_norm(self.patch_conv(x))  # (B, d, H, W)
         xs = cross_scan(x)  # (B, K, d, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dt_raw, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt_raw, self.dt_proj_weight)
+        delta, b, c = project_directions(xs, self.x_proj_weight, self.dt_proj_weight, self.d_state)
         length = height * width
         return (xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
                 b.contiguous(), c.contiguous())
@@ -175,7 +144,7 @@ class SpvmBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.spvm = Spvm(d_model, d_state, dt_rank, **dt_init)
-        self.mlp = Mlp(d_model, mlp_ratio)
+        self.mlp = Mlp(d_model, d_model * mlp_ratio)
 
     def forward(self, x):
         x = x + self.spvm(self.norm(x))
@@ -204,8 +173,8 @@ class CrossSpvm(nn.Module):
         self.ms = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.pan = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.out_norm = nn.LayerNorm(d_model)
-        self.mlp_ms = Mlp(d_model, mlp_ratio)
-        self.mlp_pan = Mlp(d_model, mlp_ratio)
+        self.mlp_ms = Mlp(d_model, d_model * mlp_ratio)
+        self.mlp_pan = Mlp(d_model, d_model * mlp_ratio)
 
     def forward(self, m, p):
         _, height, width, _ = m.shape
