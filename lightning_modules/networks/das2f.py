@@ -28,7 +28,10 @@ from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 from rsfusion.lightning_modules.networks.layers import (
     NUM_DIRECTIONS, Mlp, directional_ssm_parameters, mamba_init_, project_directions)
 
-__all__ = ["DAS2FNet", "pixel_shuffle_tokens"]
+__all__ = ["DAS2FNet", "VARIANTS", "pixel_shuffle_tokens"]
+
+# The authors' two nets, by the name of their file (model_<name>.py): number of CMDA stages.
+VARIANTS = {"nanjing": 2, "smallxian": 1}
 
 PAN_TO_MS = 4  # PAN resolution / MS resolution; also the stem patch and the SPVM unfold factor
 FUSION_SHUFFLE = 2  # PS2: pixel-shuffle factor applied to every map before fusion
@@ -301,7 +304,8 @@ class DAS2FNet(nn.Module):
         ms_patch_size: MS patch side h, 16 [C]; the PAN patch must be 4h. Sets the head's input
             size h² · d_model.
         pan_patch_size: optional PAN patch side, only checked against 4 · ms_patch_size.
-        stages: number of CMDA stages, 2 [C, "nanjing"]; the "smallxian" net has 1 [C].
+        stages: number of CMDA stages, 2 [C, "nanjing"]; the "smallxian" net has 1 [C] (``VARIANTS``,
+            :meth:`from_variant`).
         d_model: token width, 64 [C]; must be divisible by 16 (the 4×4 unfold).
         d_state: SSM state size N, 24 [C].
         dt_rank: rank R of the Δ projection, 24 [C] (not VMamba's ceil(d/16)).
@@ -365,14 +369,11 @@ class DAS2FNet(nn.Module):
         self.init_weights()
 
     @classmethod
-    def nanjing(cls, num_classes, **kwargs):
-        """The authors' 2-stage net (``model_nanjing.py``)."""
-        return cls(num_classes, stages=2, **kwargs)
-
-    @classmethod
-    def smallxian(cls, num_classes, **kwargs):
-        """The authors' 1-stage net (``model_smallxian.py``)."""
-        return cls(num_classes, stages=1, **kwargs)
+    def from_variant(cls, variant, num_classes, stages=None, **kwargs):
+        """One of the authors' nets by name (see ``VARIANTS``); ``stages`` overrides its stage count."""
+        if variant not in VARIANTS:
+            raise ValueError(f"DAS2FNet: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        return cls(num_classes, stages=stages or VARIANTS[variant], **kwargs)
 
     def init_weights(self):
         """``xavier_uniform_`` on every Conv2d and Linear weight [G]; everything else keeps its init."""
