@@ -8,6 +8,7 @@ import torch
 from rsfusion.datamodules.io import InputError
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.networks.das2f import DAS2FNet
+from rsfusion.lightning_modules.networks.layers import check_scan_backend
 
 
 class DAS2F(FusionClassifier):
@@ -24,13 +25,15 @@ class DAS2F(FusionClassifier):
         patch_size: the MS patch side (linked from the DataModule); the PAN patch is 4x.
         d_model, d_state, dt_rank, mlp_ratio, head_hidden: network widths (authors' 64, 24, 24, 4, 1024).
         cross_swap, dominant_features, fusion: the spec's ablation switches (see :class:`DAS2FNet`).
+        scan_backend: selective-scan kernel: "auto" (RSFUSION_SCAN_BACKEND if set, else the fastest
+            that runs), "torch", "triton" or "cuda"; one that cannot run here is refused.
         **kwargs: :class:`FusionClassifier` options.
     """
 
     def __init__(self, variant: str = "nanjing", stages: int | None = None,
                  ms: str = "ms", pan: str = "pan", patch_size: int = 16, d_model: int = 64, d_state: int = 24,
                  dt_rank: int = 24, mlp_ratio: int = 4, head_hidden: int = 1024, cross_swap: bool = True,
-                 dominant_features: bool = True, fusion: Literal["aalf", "concat"] = "aalf",
+                 dominant_features: bool = True, fusion: Literal["aalf", "concat"] = "aalf", scan_backend: str = "auto",
                  lr: float = 1.93e-4, weight_decay: float = 5e-4, optimizer: str = "adam",
                  scheduler: str = "step_decay", **kwargs):
         super().__init__(patch_size=patch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
@@ -40,10 +43,15 @@ class DAS2F(FusionClassifier):
             raise InputError(f"DAS2F: modalities {missing} not in the data's {list(self.in_channels)} "
                              "(set model.init_args.ms / pan to the DataModule's names)")
         self.ms_key, self.pan_key = ms, pan
+        try:
+            check_scan_backend(scan_backend)
+        except ValueError as err:
+            raise InputError(f"model.init_args.{err}") from None
         self.net = DAS2FNet.from_variant(
             variant, self.num_classes, stages, ms_channels=self.in_channels[ms], pan_channels=self.in_channels[pan],
             ms_patch_size=patch_size, d_model=d_model, d_state=d_state, dt_rank=dt_rank, mlp_ratio=mlp_ratio,
-            head_hidden=head_hidden, cross_swap=cross_swap, dominant_features=dominant_features, fusion=fusion)
+            head_hidden=head_hidden, cross_swap=cross_swap, dominant_features=dominant_features, fusion=fusion,
+            scan_backend=scan_backend)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         # The authors apply Adam's weight decay to every parameter.

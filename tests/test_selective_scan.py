@@ -8,7 +8,7 @@ import torch
 
 from rsfusion import kernels
 from rsfusion.kernels import selective_scan, selective_scan_ref
-from rsfusion.kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, resolve_backend
+from rsfusion.kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, check_backend, resolve_backend
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -293,6 +293,16 @@ def test_unknown_backend_and_bad_env_var_raise(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match=ENV_VAR):
         selective_scan(**_base())
+
+
+def test_check_backend_accepts_what_runs_here_and_refuses_the_rest(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "triton")  # the environment variable is resolved per call, never checked here
+    assert check_backend("auto") == "auto" and check_backend("torch") == "torch"
+    with pytest.raises(ValueError, match=r"^must be one of \('auto', 'cuda', 'triton', 'torch'\), got 'Torch'$"):
+        check_backend("Torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device and this machine has none"):
+            check_backend("cuda")
 
 
 def test_auto_falls_back_to_torch_on_cpu_and_logs_once(monkeypatch, caplog):

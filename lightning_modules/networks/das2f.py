@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 from rsfusion.lightning_modules.networks.layers import (
-    NUM_DIRECTIONS, Mlp, directional_ssm_parameters, mamba_init_, project_directions)
+    NUM_DIRECTIONS, Mlp, check_scan_backend, directional_ssm_parameters, mamba_init_, project_directions)
 
 __all__ = ["DAS2FNet", "VARIANTS", "pixel_shuffle_tokens"]
 
@@ -104,12 +104,12 @@ class SpvmParameters(nn.Module):
         return self.out_proj(y * z)
 
 
-def scan_fp32(u, delta, A, B, C, D, delta_bias):
+def scan_fp32(u, delta, A, B, C, D, delta_bias, backend="auto"):
     """Grouped selective scan with Δ-softplus, run in fp32 whatever the autocast dtype (spec §3:
     bf16 autocast is fine for linears and convs, the scan stays fp32). Returns (B, D, L) fp32."""
     with torch.autocast(device_type=u.device.type, enabled=False):
         return selective_scan(u.float(), delta.float(), A, B.float(), C.float(), D=D,
-                              delta_bias=delta_bias, delta_softplus=True)
+                              delta_bias=delta_bias, delta_softplus=True, backend=backend)
 
 
 def merge_directions(y, height, width, out_norm):
@@ -126,8 +126,9 @@ class Spvm(nn.Module):
     four directions in one grouped selective scan; out = W_out(LN(y) ⊙ z).
     """
 
-    def __init__(self, d_model, d_state, dt_rank, **dt_init):
+    def __init__(self, d_model, d_state, dt_rank, scan_backend="auto", **dt_init):
         super().__init__()
+        self.scan_backend = check_scan_backend(scan_backend)
         self.params = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.out_norm = nn.LayerNorm(d_model)
 
@@ -136,17 +137,17 @@ class Spvm(nn.Module):
         z = self.params.gate(u)
         xs, delta, b, c = self.params.scan_inputs(u)
         a, d, delta_bias = self.params.scan_constants()
-        y = scan_fp32(xs, delta, a, b, c, d, delta_bias)
+        y = scan_fp32(xs, delta, a, b, c, d, delta_bias, self.scan_backend)
         return self.params.output(merge_directions(y, height, width, self.out_norm), z)
 
 
 class SpvmBlock(nn.Module):
     """Pre-norm SPVM block: y = x + SPVM(LN(x)); out = y + MLP(LN(y)), one shared LN. [C]"""
 
-    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, **dt_init):
+    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, scan_backend="auto", **dt_init):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.spvm = Spvm(d_model, d_state, dt_rank, **dt_init)
+        self.spvm = Spvm(d_model, d_state, dt_rank, scan_backend, **dt_init)
         self.mlp = Mlp(d_model, d_model * mlp_ratio)
 
     def forward(self, x):
@@ -169,9 +170,10 @@ class CrossSpvm(nn.Module):
     Inputs m, p: (B, H, W, d) -> common features (m_c, p_c), each (B, H, W, d).
     """
 
-    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, swap=True, **dt_init):
+    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, swap=True, scan_backend="auto", **dt_init):
         super().__init__()
         self.swap = swap
+        self.scan_backend = check_scan_backend(scan_backend)
         self.norm = nn.LayerNorm(d_model)
         self.ms = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.pan = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
@@ -191,7 +193,7 @@ class CrossSpvm(nn.Module):
         # Channels [0, K*d) carry MS values, [K*d, 2K*d) PAN values; group g = direction/modality.
         a, d, delta_bias = (torch.cat(pair) for pair in zip(const_m, const_p))
         y = scan_fp32(torch.cat([xs_m, xs_p], 1), torch.cat([delta_m, delta_p], 1), a,
-                      torch.cat([b_m, b_p], 1), torch.cat([c_m, c_p], 1), d, delta_bias)
+                      torch.cat([b_m, b_p], 1), torch.cat([c_m, c_p], 1), d, delta_bias, self.scan_backend)
         y_m, y_p = y.chunk(2, dim=1)
         m = m + self.ms.output(merge_directions(y_m, height, width, self.out_norm),
                                self.ms.gate(m_normed))
@@ -210,13 +212,13 @@ class CmdaStage(nn.Module):
     """
 
     def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, cross_swap=True,
-                 dominant_features=True, **dt_init):
+                 dominant_features=True, scan_backend="auto", **dt_init):
         super().__init__()
         self.dominant_features = dominant_features
         if dominant_features:
-            self.self_ms = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, **dt_init)
-            self.self_pan = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, **dt_init)
-        self.cross = CrossSpvm(d_model, d_state, dt_rank, mlp_ratio, cross_swap, **dt_init)
+            self.self_ms = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, scan_backend, **dt_init)
+            self.self_pan = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, scan_backend, **dt_init)
+        self.cross = CrossSpvm(d_model, d_state, dt_rank, mlp_ratio, cross_swap, scan_backend, **dt_init)
 
     def forward(self, m, p):
         m_c, p_c = self.cross(m, p)
@@ -318,6 +320,8 @@ class DAS2FNet(nn.Module):
             (no self branches, no fusion module).
         fusion: "aalf" [C] or "concat" [D] (see :class:`ConcatFusion`); needs dominant features.
         dt_min, dt_max, dt_init_floor: Δ-bias initialisation range, 1e-3, 1e-1, 1e-4 [C].
+        scan_backend: ``backend`` of every selective scan ("auto" [default: RSFUSION_SCAN_BACKEND if
+            set, else the fastest that runs], "torch", "triton", "cuda"; checked at construction).
 
     Initialisation: ``xavier_uniform_`` on every Conv2d/Linear weight [G]; biases, norms and the
     raw SSM parameters keep their own init (see :meth:`SpvmParameters.reset_ssm_parameters`).
@@ -327,8 +331,9 @@ class DAS2FNet(nn.Module):
     def __init__(self, num_classes, ms_channels=4, pan_channels=1, ms_patch_size=16,
                  pan_patch_size=None, stages=2, d_model=64, d_state=24, dt_rank=24, mlp_ratio=4,
                  head_hidden=1024, cross_swap=True, dominant_features=True, fusion="aalf",
-                 dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4):
+                 dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, scan_backend="auto"):
         super().__init__()
+        check_scan_backend(scan_backend)
         positive = dict(num_classes=num_classes, ms_channels=ms_channels, pan_channels=pan_channels,
                         ms_patch_size=ms_patch_size, stages=stages, d_model=d_model,
                         d_state=d_state, dt_rank=dt_rank, mlp_ratio=mlp_ratio,
@@ -357,7 +362,7 @@ class DAS2FNet(nn.Module):
         self.ms_stem = PatchStem(ms_channels, d_model)
         self.pan_stem = PatchStem(PAN_TO_MS, d_model)
         self.stages = nn.ModuleList(
-            CmdaStage(d_model, d_state, dt_rank, mlp_ratio, cross_swap, dominant_features, **dt_init)
+            CmdaStage(d_model, d_state, dt_rank, mlp_ratio, cross_swap, dominant_features, scan_backend, **dt_init)
             for _ in range(stages))
         if dominant_features and fusion == "aalf":
             self.fusions = nn.ModuleList(Aalf(fused_channels) for _ in range(stages))

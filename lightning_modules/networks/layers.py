@@ -11,12 +11,23 @@ import math
 import torch
 import torch.nn as nn
 
+from rsfusion.kernels import check_backend
+
 NUM_DIRECTIONS = 4  # SS2D scan orders (see rsfusion.kernels.cross_scan)
 
 
 def check_fraction(name, value):
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_scan_backend(scan_backend):
+    """A model's ``scan_backend`` (the ``backend`` of every selective_scan it runs), checked at
+    construction: unknown, or unable to run on this machine, is a one-line ValueError."""
+    try:
+        return check_backend(scan_backend)
+    except ValueError as err:
+        raise ValueError(f"scan_backend {err}") from None
 
 
 class DropPath(nn.Module):

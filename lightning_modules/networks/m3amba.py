@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rsfusion.lightning_modules.networks.layers import DropPath, Mlp
+from rsfusion.lightning_modules.networks.layers import DropPath, Mlp, check_scan_backend
 from rsfusion.lightning_modules.networks.ss2d import (
     SS2D, DirectionalSSM, VSSBlock, resolve_dt_rank, vmamba_init_weights)
 
@@ -42,6 +42,7 @@ class CrossSS2D(nn.Module):
         exchange: "B" (authors), "C" (ablation: swap C instead) or "none" (no exchange).
         avg_A: average the two streams' A (authors: True); False = each its own A.
         shared_stream_weights: share the SS2D body between the streams (authors: True).
+        scan_backend: selective-scan backend of both streams' scans (see :class:`DirectionalSSM`).
 
     ``forward(p, q, compute_guidance_output)`` takes (B, H, W, C) tensors and returns
     (out_p, out_q). With ``compute_guidance_output=False`` only what out_p needs is computed from q
@@ -50,17 +51,19 @@ class CrossSS2D(nn.Module):
 
     def __init__(self, d_model, d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3,
                  conv_bias=True, dropout=0.0, exchange="B", avg_A=True,
-                 shared_stream_weights=True):
+                 shared_stream_weights=True, scan_backend="auto"):
         super().__init__()
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
         self.exchange, self.avg_A = exchange, avg_A
-        self.op = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout)
+        self.op = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout, scan_backend=scan_backend)
         if shared_stream_weights:
             self.op_guide = None
-            self.ssm_guide = DirectionalSSM(self.op.d_inner, d_state, resolve_dt_rank(dt_rank, d_model))
+            self.ssm_guide = DirectionalSSM(self.op.d_inner, d_state, resolve_dt_rank(dt_rank, d_model),
+                                            scan_backend=scan_backend)
         else:
-            self.op_guide = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout)
+            self.op_guide = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout,
+                                 scan_backend=scan_backend)
 
     @property
     def guide_body(self):
@@ -114,13 +117,13 @@ class CrossVSSBlock(nn.Module):
 
     def __init__(self, hidden_dim, drop_path=0.0, d_state=16, ssm_ratio=2.0, dt_rank="auto",
                  d_conv=3, conv_bias=True, ssm_dropout=0.0, mlp_ratio=4.0, mlp_drop=0.0,
-                 exchange="B", avg_A=True, shared_stream_weights=True):
+                 exchange="B", avg_A=True, shared_stream_weights=True, scan_backend="auto"):
         super().__init__()
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
         self.norm = nn.LayerNorm(hidden_dim)
         self.op = CrossSS2D(hidden_dim, d_state, ssm_ratio, dt_rank, d_conv, conv_bias,
-                            ssm_dropout, exchange, avg_A, shared_stream_weights)
+                            ssm_dropout, exchange, avg_A, shared_stream_weights, scan_backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio), mlp_drop)
@@ -242,6 +245,8 @@ class M3ambaNet(nn.Module):
         linear_embed_trainable: train the C -> 3 linear embeddings by back-propagating through the
             frozen CLIP [ours: True; the authors' training code is unavailable, their checkpoint
             stores these convs]. False freezes them and runs CLIP under no_grad.
+        scan_backend: ``backend`` of every selective scan ("auto" [default: RSFUSION_SCAN_BACKEND if
+            set, else the fastest that runs], "torch", "triton", "cuda"; checked at construction).
 
     ``forward(hsi (B, C_h, S, S), aux (B, C_a, S, S))`` returns the logits
     ``(hsi_logits, aux_logits, fused_logits)``, each (B, K, S, S); the authors predict from the
@@ -253,8 +258,10 @@ class M3ambaNet(nn.Module):
                  d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3, mlp_ratio=4.0,
                  drop_path_rate=0.1, image_size=32, clip_model="openai/clip-vit-base-patch32",
                  clip_config=None, exchange="B", avg_A=True, compute_guidance_output=False,
-                 shared_stream_weights=True, clip_normalize=False, linear_embed_trainable=True):
+                 shared_stream_weights=True, clip_normalize=False, linear_embed_trainable=True,
+                 scan_backend="auto"):
         super().__init__()
+        check_scan_backend(scan_backend)
         for name, value in (("hsi_channels", hsi_channels), ("aux_channels", aux_channels),
                             ("num_classes", num_classes), ("dims", dims), ("depth", depth),
                             ("image_size", image_size)):
@@ -286,7 +293,7 @@ class M3ambaNet(nn.Module):
         self.patch_embed_aux = PatchEmbed(aux_channels, dims)
 
         ssm = dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv,
-                   mlp_ratio=mlp_ratio)
+                   mlp_ratio=mlp_ratio, scan_backend=scan_backend)
         cross = dict(ssm, exchange=exchange, avg_A=avg_A, shared_stream_weights=shared_stream_weights)
         rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.layers_hsi = nn.ModuleList(CrossVSSBlock(dims, rate, **cross) for rate in rates)

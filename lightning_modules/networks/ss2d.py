@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 from rsfusion.lightning_modules.networks.layers import (
-    NUM_DIRECTIONS, DropPath, Mlp, check_fraction, directional_ssm_parameters, mamba_init_, project_directions)
+    NUM_DIRECTIONS, DropPath, Mlp, check_fraction, check_scan_backend, directional_ssm_parameters, mamba_init_,
+    project_directions)
 
 __all__ = ["SS2D", "VSSBlock", "DirectionalSSM", "resolve_dt_rank", "vmamba_init_weights"]
 
@@ -66,6 +67,8 @@ class DirectionalSSM(nn.Module):
         dt_min, dt_max, dt_init_floor, dt_scale: delta initialisation (Mamba's "random" dt init):
             dt ~ logU[dt_min, dt_max] floored at dt_init_floor, dt_projs_bias = softplus^-1(dt),
             dt_projs_weight ~ U(+-dt_scale * R^-0.5).
+        scan_backend: ``backend`` of :func:`rsfusion.kernels.selective_scan` ("auto", "torch",
+            "triton", "cuda"; checked here, see :func:`rsfusion.kernels.check_backend`).
 
     Parameters (VMamba names): ``x_proj_weight`` (K, R + 2N, D), nn.Linear's default uniform init;
     ``dt_projs_weight`` (K, D, R); ``dt_projs_bias`` (K, D); ``A_logs`` (K*D, N); ``Ds`` (K*D,).
@@ -73,8 +76,9 @@ class DirectionalSSM(nn.Module):
     """
 
     def __init__(self, d_inner, d_state=16, dt_rank=24, dt_min=1e-3, dt_max=0.1,
-                 dt_init_floor=1e-4, dt_scale=1.0):
+                 dt_init_floor=1e-4, dt_scale=1.0, scan_backend="auto"):
         super().__init__()
+        self.scan_backend = check_scan_backend(scan_backend)
         _check_positive_int("d_inner", d_inner)
         _check_positive_int("d_state", d_state)
         _check_positive_int("dt_rank", dt_rank)
@@ -116,7 +120,7 @@ class DirectionalSSM(nn.Module):
         ys = selective_scan(
             xs.reshape(batch, k * d, length).float(), dts.float(),
             self.A() if A is None else A.float(), Bs.float(), Cs.float(), self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True)
+            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True, backend=self.scan_backend)
         return ys.view(batch, k, d, length)
 
 
@@ -132,6 +136,7 @@ class SS2D(nn.Module):
         conv_bias: bias of that conv (True, as VMamba).
         dropout: dropout after out_proj (0 in VMamba / M3amba).
         dt_min, dt_max, dt_init_floor, dt_scale: delta init, see :class:`DirectionalSSM`.
+        scan_backend: selective-scan backend, see :class:`DirectionalSSM`.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
     Parameter count for C = 384, N = 16, ratio 2, dt_rank 24: 1,195,008.
@@ -139,7 +144,7 @@ class SS2D(nn.Module):
 
     def __init__(self, d_model, d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3,
                  conv_bias=True, dropout=0.0, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4,
-                 dt_scale=1.0):
+                 dt_scale=1.0, scan_backend="auto"):
         super().__init__()
         _check_positive_int("d_model", d_model)
         if not ssm_ratio > 0:
@@ -154,7 +159,7 @@ class SS2D(nn.Module):
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2,
                                 groups=d_inner, bias=conv_bias)
         self.ssm = DirectionalSSM(d_inner, d_state, resolve_dt_rank(dt_rank, d_model),
-                                  dt_min, dt_max, dt_init_floor, dt_scale)
+                                  dt_min, dt_max, dt_init_floor, dt_scale, scan_backend)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -203,6 +208,7 @@ class VSSBlock(nn.Module):
         ssm_dropout: dropout after SS2D's out_proj (0 in M3amba).
         mlp_ratio: MLP hidden = int(mlp_ratio * C), GELU (4.0 in M3amba; 0 disables the MLP).
         mlp_drop: MLP dropout (0 in M3amba).
+        scan_backend: selective-scan backend, see :class:`DirectionalSSM`.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
     Parameter count for C = 384 with M3amba's settings: 2,378,112.
@@ -210,13 +216,13 @@ class VSSBlock(nn.Module):
 
     def __init__(self, hidden_dim, drop_path=0.0, d_state=16, ssm_ratio=2.0, dt_rank="auto",
                  d_conv=3, conv_bias=True, ssm_dropout=0.0, mlp_ratio=4.0, mlp_drop=0.0,
-                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0):
+                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0, scan_backend="auto"):
         super().__init__()
         if mlp_ratio < 0:
             raise ValueError(f"mlp_ratio must be >= 0, got {mlp_ratio!r}")
         self.norm = nn.LayerNorm(hidden_dim)
         self.op = SS2D(hidden_dim, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, ssm_dropout,
-                       dt_min, dt_max, dt_init_floor, dt_scale)
+                       dt_min, dt_max, dt_init_floor, dt_scale, scan_backend)
         self.drop_path = DropPath(drop_path)
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(hidden_dim)
