@@ -7,8 +7,10 @@ import torch
 
 from rsfusion.datamodules.io import InputError
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
+from rsfusion.lightning_modules.losses import m3amba_loss
 from rsfusion.lightning_modules.networks.layers import check_scan_backend
-from rsfusion.lightning_modules.networks.m3amba import M3ambaNet, m3amba_loss, m3amba_param_groups
+from rsfusion.lightning_modules.networks.m3amba import M3ambaNet
+from rsfusion.lightning_modules.optim import no_weight_decay_groups
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -101,4 +103,4 @@ class M3amba(FusionClassifier):
         return terms.pop("loss"), terms
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        return m3amba_param_groups(self.net, weight_decay)
+        return no_weight_decay_groups(self.net, weight_decay)
