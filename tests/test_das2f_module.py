@@ -50,23 +50,6 @@ def test_fit_smoke_run_through_the_console_script(tmp_path):
     assert next((tmp_path / "runs").glob("version_0/predictions/classification_map.tif")).stat().st_size > 0
 
 
-@pytest.mark.parametrize("override, env, expected", [(["--model.init_args.scan_backend", "torch"], None,
-                                                      ("torch", "torch")), ([], "torch", ("auto", "torch"))])
-def test_scan_backend_from_the_command_line_reaches_selective_scan(tmp_path, monkeypatch, scan_backend_calls,
-                                                                   override, env, expected):
-    """--model.init_args.scan_backend is passed to every scan; without it, RSFUSION_SCAN_BACKEND decides."""
-    from rsfusion.lightning_modules.cli import main
-
-    if env is None:
-        monkeypatch.delenv("RSFUSION_SCAN_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("RSFUSION_SCAN_BACKEND", env)
-    path = tiny_config(tmp_path, "das2f_synthetic", dict(scene_height=24, scene_width=24, train_per_class=8,
-                                                         patch_size=4, batch_size=16), TINY)
-    main(["validate", "--config", str(path), *override, "--trainer.limit_val_batches", "1"])
-    assert scan_backend_calls and set(scan_backend_calls) == {expected}
-
-
 def test_unknown_scan_backend_is_a_one_line_input_error():
     with pytest.raises(InputError, match=r"^model.init_args.scan_backend must be one of \('auto', 'cuda', 'triton', "
                                          r"'torch'\), got 'gpu'$"):

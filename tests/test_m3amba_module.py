@@ -120,33 +120,3 @@ def test_guidance_dt_projs_and_ds_get_no_gradient_in_either_mode(faithful):
                 for p in ("Ds", "dt_projs_weight", "dt_projs_bias")}
     assert no_grad == expected
     assert model.has_unused_parameters
-
-
-@pytest.mark.parametrize("override, env, expected", [(["--model.init_args.scan_backend", "torch"], None,
-                                                      ("torch", "torch")), ([], "torch", ("auto", "torch"))])
-def test_scan_backend_from_the_command_line_reaches_selective_scan(tmp_path, monkeypatch, scan_backend_calls,
-                                                                   override, env, expected):
-    """--model.init_args.scan_backend is passed to every scan; without it, RSFUSION_SCAN_BACKEND decides."""
-    from rsfusion.lightning_modules.cli import main
-
-    if env is None:
-        monkeypatch.delenv("RSFUSION_SCAN_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("RSFUSION_SCAN_BACKEND", env)
-    path = tiny_config(tmp_path, "m3amba_synthetic", dict(scene_height=24, scene_width=24, train_per_class=4,
-                                                          patch_size=8, batch_size=4), TINY)
-    main(["validate", "--config", str(path), *override, "--trainer.limit_val_batches", "1"])
-    assert scan_backend_calls and set(scan_backend_calls) == {expected}
-
-
-def test_unknown_scan_backend_is_a_one_line_error_on_the_command_line(tmp_path, capsys):
-    from rsfusion.lightning_modules.cli import main
-
-    path = tiny_config(tmp_path, "m3amba_synthetic", dict(scene_height=24, scene_width=24, train_per_class=4,
-                                                          patch_size=8, batch_size=4), TINY)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--config", str(path), "--model.init_args.scan_backend", "gpu"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: model.init_args.scan_backend must be one of ('auto', 'cuda', 'triton', 'torch'), "
-                       "got 'gpu'")
