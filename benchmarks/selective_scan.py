@@ -1,8 +1,9 @@
 """Selective-scan speed: every available backend vs mamba-ssm's ``selective_scan_ref`` algorithm.
 
-For each shape the models use and each backend (plus the literal-loop reference run through
-autograd, ``rsfusion.kernels.selective_scan_ref``: einsum-materialised deltaA / deltaB_u and a Python loop
-over L, as mamba-ssm's ``selective_scan_ref``), prints forward and forward+backward wall time, peak
+For each shape the models use and each backend (plus the baseline: mamba-ssm's ``selective_scan_ref``
+algorithm run through autograd, :func:`mamba_ssm_ref_algorithm`: einsum-materialised deltaA / deltaB_u and
+a Python loop over L; tests/test_selective_scan.py checks it against rsfusion.kernels.selective_scan_ref,
+the suite's one reference), prints forward and forward+backward wall time, peak
 extra memory, and speed-ups against the reference. Inputs follow VMamba's SS2D call: 4 groups for
 B/C, D, delta_bias and softplus, no z, float32, the mamba test distribution.
 
@@ -30,6 +31,36 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(16, 384, 121, 16), (64, 768, 121, 1), (8, 192, 1024, 16), (16, 128, 1024, 4)]
 GROUPS = 4
 REFERENCE = "ref"
+
+
+def mamba_ssm_ref_algorithm(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """mamba-ssm's ``selective_scan_ref`` for real A and grouped B/C (no z): the timing baseline.
+
+    Its autograd backward is quadratic in L (each step reads a slice of the materialised tensors).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype_in = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta, threshold=20.0)
+    batch, dim, length = u.shape
+    B = B.float().repeat_interleave(dim // B.shape[1], dim=1)  # (batch, dim, N, L)
+    C = C.float().repeat_interleave(dim // C.shape[1], dim=1)
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.float()))
+    deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
+    x = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for i in range(length):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bdn->bd", x, C[:, :, :, i]))
+    out = torch.stack(ys, dim=2)
+    if D is not None:
+        out = out + u * D.float()[..., None]
+    return out.to(dtype_in)
 
 
 def _rss_bytes():
@@ -61,13 +92,13 @@ def _worker(shape, backend, repeats, with_backward, threads):
     if threads:
         torch.set_num_threads(threads)
 
-    from rsfusion.kernels import selective_scan, selective_scan_ref
+    from rsfusion.kernels import selective_scan
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = _make_inputs(shape, device)
     if backend == REFERENCE:
         def scan():
-            return selective_scan_ref(**inputs, delta_softplus=True)
+            return mamba_ssm_ref_algorithm(**inputs, delta_softplus=True)
     else:
         def scan():
             return selective_scan(**inputs, delta_softplus=True, backend=backend)

@@ -6,7 +6,8 @@
 """
 from rsfusion.kernels.cross_scan import cross_merge, cross_scan
 from rsfusion.kernels.reference import selective_scan_ref
-from rsfusion.kernels.dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
+from rsfusion.kernels.dispatch import (
+    BACKENDS, ENV_VAR, available_backends, check_backend, resolve_backend, selective_scan)
 
 __all__ = ["selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "available_backends",
-           "resolve_backend", "BACKENDS", "ENV_VAR"]
+           "check_backend", "resolve_backend", "BACKENDS", "ENV_VAR"]

@@ -10,6 +10,8 @@ Backends (spec §6):
 ``backend="auto"`` honours the ``RSFUSION_SCAN_BACKEND`` environment variable if it is set, otherwise
 picks cuda, else triton on a GPU, else torch. An explicit ``backend=`` argument wins over the
 environment variable. The first use of each backend is logged once (logger ``"rsfusion.kernels"``).
+Models take the backend as their ``scan_backend`` argument (``--model.init_args.scan_backend``) and
+pass it to every scan; ``check_backend`` refuses, at construction, a value that cannot run here.
 
 Before ``auto`` first picks Triton for a (device, dtype), it runs a self-check: the Triton kernels
 against the torch backend on a small input, values and gradients of all inputs. A kernel that does
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from rsfusion.kernels.scan_torch import scan_core_torch
 
-__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["selective_scan", "available_backends", "check_backend", "resolve_backend", "BACKENDS", "ENV_VAR"]
 
 logger = logging.getLogger("rsfusion.kernels")
 
@@ -160,6 +162,30 @@ def _triton_passes_self_check(device, dtype):
                            "torch backend instead (RSFUSION_SCAN_BACKEND=triton forces Triton and shows the error)",
                            device, str(dtype).replace("torch.", ""), reason)
     return _triton_health[key] is None
+
+
+def check_backend(backend):
+    """``backend`` if it is in BACKENDS and could run on this machine (some device), else a one-line ValueError.
+
+    For a model's ``scan_backend`` at construction, before any tensor exists: ``cuda`` needs a CUDA
+    device and mamba-ssm's extension; ``triton`` needs triton and a CUDA device, or the CPU
+    interpreter (TRITON_INTERPRET=1, which Triton reads when the kernels are defined: set it before
+    rsfusion is imported). ``auto`` always runs (and follows RSFUSION_SCAN_BACKEND if set).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise ValueError("'cuda' (mamba-ssm's kernel) needs a CUDA device and this machine has none; "
+                         "use 'auto' or 'torch'")
+    if backend == "cuda" and _mamba_selective_scan_fn() is None:
+        raise ValueError("'cuda' needs mamba-ssm's selective_scan_cuda extension, which does not import; "
+                         "use 'auto', 'triton' or 'torch'")
+    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise ValueError("'triton' needs a CUDA device and this machine has none (on CPU, Triton runs only in "
+                         "its interpreter: TRITON_INTERPRET=1 set before rsfusion is imported); use 'auto' or 'torch'")
+    if backend == "triton" and _triton_scan() is None:
+        raise ValueError("'triton' needs the triton package, which does not import; use 'auto' or 'torch'")
+    return backend
 
 
 def resolve_backend(backend, device, dtype=torch.float32):

@@ -8,8 +8,7 @@ import torch
 from rsfusion.datamodules.io import InputError
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.networks.das2f import DAS2FNet
-
-VARIANT_STAGES = {"nanjing": 2, "smallxian": 1}
+from rsfusion.lightning_modules.networks.layers import check_scan_backend
 
 
 class DAS2F(FusionClassifier):
@@ -19,19 +18,22 @@ class DAS2F(FusionClassifier):
     lr 1.93e-4, weight decay 5e-4 (L2), lr x 0.9995 after every step, batch 64, 40 epochs.
 
     Args:
-        variant: ``nanjing`` (2 CMDA stages) or ``smallxian`` (1 stage) [authors' two nets].
+        variant: ``nanjing`` (2 CMDA stages) or ``smallxian`` (1 stage) [authors' two nets; defined in
+            ``rsfusion.lightning_modules.networks.das2f.VARIANTS``].
         stages: overrides the variant's stage count (the 1 vs 2 stage ablation).
         ms, pan: the DataModule's modality names of the MS and PAN rasters.
         patch_size: the MS patch side (linked from the DataModule); the PAN patch is 4x.
         d_model, d_state, dt_rank, mlp_ratio, head_hidden: network widths (authors' 64, 24, 24, 4, 1024).
         cross_swap, dominant_features, fusion: the spec's ablation switches (see :class:`DAS2FNet`).
+        scan_backend: selective-scan kernel: "auto" (RSFUSION_SCAN_BACKEND if set, else the fastest
+            that runs), "torch", "triton" or "cuda"; one that cannot run here is refused.
         **kwargs: :class:`FusionClassifier` options.
     """
 
-    def __init__(self, variant: Literal["nanjing", "smallxian"] = "nanjing", stages: int | None = None,
+    def __init__(self, variant: str = "nanjing", stages: int | None = None,
                  ms: str = "ms", pan: str = "pan", patch_size: int = 16, d_model: int = 64, d_state: int = 24,
                  dt_rank: int = 24, mlp_ratio: int = 4, head_hidden: int = 1024, cross_swap: bool = True,
-                 dominant_features: bool = True, fusion: Literal["aalf", "concat"] = "aalf",
+                 dominant_features: bool = True, fusion: Literal["aalf", "concat"] = "aalf", scan_backend: str = "auto",
                  lr: float = 1.93e-4, weight_decay: float = 5e-4, optimizer: str = "adam",
                  scheduler: str = "step_decay", **kwargs):
         super().__init__(patch_size=patch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
@@ -41,10 +43,15 @@ class DAS2F(FusionClassifier):
             raise InputError(f"DAS2F: modalities {missing} not in the data's {list(self.in_channels)} "
                              "(set model.init_args.ms / pan to the DataModule's names)")
         self.ms_key, self.pan_key = ms, pan
-        self.net = DAS2FNet(self.num_classes, ms_channels=self.in_channels[ms], pan_channels=self.in_channels[pan],
-                            ms_patch_size=patch_size, stages=stages or VARIANT_STAGES[variant], d_model=d_model,
-                            d_state=d_state, dt_rank=dt_rank, mlp_ratio=mlp_ratio, head_hidden=head_hidden,
-                            cross_swap=cross_swap, dominant_features=dominant_features, fusion=fusion)
+        try:
+            check_scan_backend(scan_backend)
+        except ValueError as err:
+            raise InputError(f"model.init_args.{err}") from None
+        self.net = DAS2FNet.from_variant(
+            variant, self.num_classes, stages, ms_channels=self.in_channels[ms], pan_channels=self.in_channels[pan],
+            ms_patch_size=patch_size, d_model=d_model, d_state=d_state, dt_rank=dt_rank, mlp_ratio=mlp_ratio,
+            head_hidden=head_hidden, cross_swap=cross_swap, dominant_features=dominant_features, fusion=fusion,
+            scan_backend=scan_backend)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         # The authors apply Adam's weight decay to every parameter.

@@ -7,7 +7,10 @@ import torch
 
 from rsfusion.datamodules.io import InputError
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
-from rsfusion.lightning_modules.networks.m3amba import M3ambaNet, m3amba_loss, m3amba_param_groups
+from rsfusion.lightning_modules.losses import m3amba_loss
+from rsfusion.lightning_modules.networks.layers import check_scan_backend
+from rsfusion.lightning_modules.networks.m3amba import M3ambaNet
+from rsfusion.lightning_modules.optim import no_weight_decay_groups
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -37,6 +40,8 @@ class M3amba(FusionClassifier):
         compute_guidance_output: False [ours, default] skips the guidance stream's discarded output
             (identical logits); True runs the authors' network op for op (faithful mode).
         ce_weights, supervised_weight, consistency_weight: the loss weights [ours].
+        scan_backend: selective-scan kernel: "auto" (RSFUSION_SCAN_BACKEND if set, else the fastest
+            that runs), "torch", "triton" or "cuda"; one that cannot run here is refused.
     """
 
     dense_output = True
@@ -50,7 +55,7 @@ class M3amba(FusionClassifier):
                  compute_guidance_output: bool = False, shared_stream_weights: bool = True,
                  clip_normalize: bool = False, linear_embed_trainable: bool = True,
                  ce_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), supervised_weight: float = 1.0,
-                 consistency_weight: float = 0.1, lr: float = 1e-4, weight_decay: float = 0.05,
+                 consistency_weight: float = 0.1, scan_backend: str = "auto", lr: float = 1e-4, weight_decay: float = 0.05,
                  optimizer: str = "adamw", scheduler: str = "cosine", **kwargs):
         super().__init__(patch_size=patch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                          scheduler=scheduler, **kwargs)
@@ -62,6 +67,10 @@ class M3amba(FusionClassifier):
         if missing:
             raise InputError(f"M3amba: modalities {missing} not in the data's {names}")
         config = None
+        try:
+            check_scan_backend(scan_backend)
+        except ValueError as err:
+            raise InputError(f"model.init_args.{err}") from None
         if clip_config is not None and clip_model != DEFAULT_CLIP:
             raise InputError(f"M3amba: give model.init_args.clip_model ({clip_model!r}) or clip_config, not both "
                              "(clip_config builds a random tower and would ignore clip_model)")
@@ -76,7 +85,7 @@ class M3amba(FusionClassifier):
                                  clip_config=config, exchange=exchange, avg_A=avg_A,
                                  compute_guidance_output=compute_guidance_output,
                                  shared_stream_weights=shared_stream_weights, clip_normalize=clip_normalize,
-                                 linear_embed_trainable=linear_embed_trainable)
+                                 linear_embed_trainable=linear_embed_trainable, scan_backend=scan_backend)
         except FileNotFoundError as err:
             raise InputError(f"model.init_args.clip_model: {err}") from None
 
@@ -94,4 +103,4 @@ class M3amba(FusionClassifier):
         return terms.pop("loss"), terms
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        return m3amba_param_groups(self.net, weight_decay)
+        return no_weight_decay_groups(self.net, weight_decay)

@@ -63,3 +63,18 @@ def tiny_config(tmp_path: Path, name: str, data: dict, model: dict, run: str = "
     path = tmp_path / f"{name if run == 'runs' else run}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture
+def scan_backend_calls(monkeypatch):
+    """(requested, resolved) backend of every rsfusion.kernels.selective_scan call made during the test."""
+    from rsfusion.kernels import dispatch
+
+    calls, resolve = [], dispatch.resolve_backend
+
+    def recording(backend, device, dtype=torch.float32):
+        calls.append((backend, resolve(backend, device, dtype)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(dispatch, "resolve_backend", recording)
+    return calls

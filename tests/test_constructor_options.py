@@ -13,6 +13,7 @@ only: they are exercised on TwoBranchCNN, and a test checks that no model overri
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,15 @@ TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_
 TINY_DDPM = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=4,
                  norm_groups=4, dropout=0.0, num_timesteps=50, mask_window=2)
 SCENE = dict(scene_height=24, scene_width=24, train_per_class=4, batch_size=8)
+# scan_backend selects the selective-scan kernel; values that cannot run on this machine are refused.
+SCAN_BACKEND_CASES = [("scan_backend", "gpu", {}, ("refused", r"scan_backend must be one of \('auto', 'cuda', "
+                                                             r"'triton', 'torch'\), got 'gpu'"))]
+if not torch.cuda.is_available():
+    SCAN_BACKEND_CASES.append(("scan_backend", "cuda", {}, ("refused", r"scan_backend 'cuda' \(mamba-ssm's kernel\) "
+                                                                       r"needs a CUDA device")))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        SCAN_BACKEND_CASES.append(("scan_backend", "triton", {}, ("refused", r"scan_backend 'triton' needs a CUDA "
+                                                                             r"device .*TRITON_INTERPRET=1")))
 
 
 @dataclass
@@ -95,6 +105,7 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
         ("ce_weights", (0.6, 0.2, 0.2), {}, "changes"),
         ("supervised_weight", 2.0, {}, "changes"),
         ("consistency_weight", 1.0, {}, "changes"),
+        *SCAN_BACKEND_CASES,
     ],
     "DAS2F": [
         ("variant", "nanjing", {}, "changes"),
@@ -109,6 +120,7 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
         ("cross_swap", False, {}, "changes"),
         ("dominant_features", False, {}, "changes"),
         ("fusion", "concat", {}, "changes"),
+        *SCAN_BACKEND_CASES,
     ],
     "BDGF": [
         ("ddpm_checkpoint", FILE.format("ddpm"), {}, "changes"),
@@ -141,6 +153,7 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
         ("proj_dim", 4, {}, "changes"),
         ("cnn_kwargs", {"num_blocks": 2}, {}, "changes"),
         ("mamba_kwargs", {"d_state": 3}, {}, "changes"),
+        ("mamba_kwargs", {"d_state": 2, "scan_backend": "gpu"}, {}, ("refused", r"scan_backend must be one of")),
         ("transformer_kwargs", {"heads": 4}, {}, "changes"),
         ("ml", "none", {}, "changes"),
         ("temperature", 4.0, {}, "changes"),
@@ -171,13 +184,17 @@ XFAIL_PER_MODEL: dict[tuple[str, str], str] = {}
 # Used only by FusionClassifier.configure_optimizers (which no model overrides): exercised on TwoBranchCNN.
 OPTIMISER_OPTIONS = {"lr", "optimizer", "scheduler", "warmup_steps", "step_decay_gamma"}
 LINKED = "linked from the DataModule by the CLI (data.{0} -> model.{0}): the data decides it, not the model section"
+SCAN_BACKEND = ("which kernel computes the selective scan, not what it computes: the backends agree within kernel "
+                "tolerance (tests/test_selective_scan*.py); the value reaching every scan is tested in "
+                "tests/test_{m3amba,das2f}_module.py, values that cannot run here are refused above")
 EXEMPT = {
     "*": {"in_channels": LINKED.format("in_channels"), "num_classes": LINKED.format("num_classes"),
           "class_names": "names for per-class metrics and maps only", "patch_size": LINKED.format("patch_size"),
           "dense": LINKED.format("dense") + "; a model that cannot use the sampling refuses it "
                    "(tests/test_m3amba_module.py::test_pixel_sampling_is_refused)"},
     "M3amba": {"compute_guidance_output": "speed only: logits and gradients equal the faithful mode "
-                                          "(tests/test_m3amba_network.py)"},
+                                          "(tests/test_m3amba_network.py)", "scan_backend": SCAN_BACKEND},
+    "DAS2F": {"scan_backend": SCAN_BACKEND},
     "BDGF": {"feature_batch_size": "speed/memory only: the batch of tiles in one feature-extraction pass",
              "cache_dir": "where DDPMs and banks are cached (tests/test_bdgf_module.py: cache keys and reuse)"},
 }

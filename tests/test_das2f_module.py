@@ -48,3 +48,9 @@ def test_fit_smoke_run_through_the_console_script(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/OA" in out.stdout
     assert next((tmp_path / "runs").glob("version_0/predictions/classification_map.tif")).stat().st_size > 0
+
+
+def test_unknown_scan_backend_is_a_one_line_input_error():
+    with pytest.raises(InputError, match=r"^model.init_args.scan_backend must be one of \('auto', 'cuda', 'triton', "
+                                         r"'torch'\), got 'gpu'$"):
+        DAS2F(in_channels={"ms": 4, "pan": 1}, num_classes=3, patch_size=4, scan_backend="gpu", **TINY)

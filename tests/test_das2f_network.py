@@ -37,13 +37,21 @@ def inputs(batch=2, ms_patch=4, seed=1):
 @pytest.mark.parametrize("variant, backbone", [("nanjing", 17_405_256), ("smallxian", 17_096_040)])
 def test_parameter_count_matches_authors(variant, backbone, num_classes):
     with torch.device("meta"):
-        net = getattr(DAS2FNet, variant)(num_classes)
+        net = DAS2FNet.from_variant(variant, num_classes)
     assert count(net) == backbone + 1025 * num_classes
+
+
+def test_variants_are_the_authors_nets_and_an_unknown_one_is_refused():
+    assert das2f.VARIANTS == {"nanjing": 2, "smallxian": 1}
+    with torch.device("meta"):
+        assert len(DAS2FNet.from_variant("nanjing", 3, stages=1, **SMALL).stages) == 1
+    with pytest.raises(ValueError, match=r"variant must be one of \['nanjing', 'smallxian'\], got 'xian'"):
+        DAS2FNet.from_variant("xian", 3)
 
 
 def test_module_parameter_breakdown_matches_authors():
     with torch.device("meta"):
-        net = DAS2FNet.nanjing(11)
+        net = DAS2FNet.from_variant("nanjing", 11)
         block = SpvmBlock(64, 24, 24)
     assert count(net.pan_lift) == 8
     assert count(net.ms_stem) == count(net.pan_stem) == 4288
@@ -173,7 +181,7 @@ def test_initialisation_xavier_and_mamba_init():
 @pytest.mark.parametrize("variant", ["nanjing", "smallxian"])
 def test_paper_geometry_forward_shape(variant):
     torch.manual_seed(0)
-    net = getattr(DAS2FNet, variant)(11).eval()
+    net = DAS2FNet.from_variant(variant, 11).eval()
     ms, pan = inputs(batch=2, ms_patch=16)
     with torch.no_grad():
         logits, features = net(ms, pan, return_features=True)
@@ -299,7 +307,7 @@ def test_ablation_parameter_counts_at_paper_width(kwargs, backbone):
 @pytest.mark.parametrize("ms_patch", [8, 12])
 def test_other_patch_geometry_full_width(ms_patch):
     torch.manual_seed(0)
-    net = DAS2FNet.smallxian(6, ms_patch_size=ms_patch, head_hidden=64)
+    net = DAS2FNet.from_variant("smallxian", 6, ms_patch_size=ms_patch, head_hidden=64)
     assert net.head[0].in_features == ms_patch * ms_patch * 64
     ms, pan = inputs(batch=2, ms_patch=ms_patch)
     logits = net(ms, pan)

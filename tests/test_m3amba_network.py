@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from rsfusion.lightning_modules.networks.m3amba import (
-    CrossSS2D, CrossVSSBlock, M3ambaNet, m3amba_loss, m3amba_param_groups)
+    CrossSS2D, CrossVSSBlock, M3ambaNet)
 
 TINY = dict(hsi_channels=5, aux_channels=2, num_classes=3, dims=8, depth=2, d_state=4,
             image_size=6)
@@ -197,47 +197,6 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
         tiny_net(**kwargs)
 
 
-# --- loss ------------------------------------------------------------------------------------------
-
-def _loss_inputs():
-    generator = torch.Generator().manual_seed(3)
-    outputs = tuple(torch.randn(2, 4, 5, 5, generator=generator) for _ in range(3))
-    target = torch.randint(0, 4, (2, 5, 5), generator=generator)
-    target[0, :2] = -1
-    target[1, :, 3:] = -1
-    return outputs, target
-
-
-def test_masked_loss_ignores_unlabelled_pixels():
-    outputs, target = _loss_inputs()
-    unlabelled = target == -1
-    loss = m3amba_loss(outputs, target)
-    expected_ce = F.cross_entropy(outputs[2], target, ignore_index=-1)
-    torch.testing.assert_close(loss["ce_fused"], expected_ce)
-    changed_logits = tuple(torch.where(unlabelled[:, None], o * 7 - 3, o) for o in outputs)
-    changed = m3amba_loss(changed_logits, target)
-    for key in ("ce_hsi", "ce_aux", "ce_fused"):
-        torch.testing.assert_close(changed[key], loss[key])
-    mask = (~unlabelled).float()
-    loader_style = torch.where(unlabelled, torch.zeros_like(target), target)  # authors' loader
-    for fill in (0, 3):
-        relabelled = torch.where(unlabelled, torch.full_like(target, fill), loader_style)
-        torch.testing.assert_close(m3amba_loss(outputs, relabelled, mask=mask)["loss"], loss["loss"])
-    sup = sum(loss[k] for k in ("ce_hsi", "ce_aux", "ce_fused")) / 3
-    torch.testing.assert_close(loss["loss"], sup + 0.1 * loss["consistency"])
-
-
-def test_consistency_term_is_cosine_to_the_fused_output():
-    outputs, target = _loss_inputs()
-    fused = outputs[2]
-    assert m3amba_loss((fused, fused, fused), target)["consistency"].abs() < 1e-6
-    torch.testing.assert_close(m3amba_loss((-fused, -fused, fused), target)["consistency"],
-                               torch.tensor(4.0))
-    no_labels = torch.full_like(target, -1)
-    loss = m3amba_loss(outputs, no_labels)
-    assert loss["ce_fused"] == 0 and torch.isfinite(loss["loss"])
-
-
 # --- CLIP ------------------------------------------------------------------------------------------
 
 def test_clip_loaded_from_a_local_directory_matches_the_in_memory_tower(tmp_path):
@@ -308,21 +267,3 @@ def test_clip_normalize_changes_only_the_clip_input():
         expected = net.clip(pixel_values=(resized - mean) / std).image_embeds
         torch.testing.assert_close(normalized.encode_clip(rgb), expected)
         assert not torch.allclose(net.encode_clip(rgb), expected)
-
-
-# --- optimiser groups --------------------------------------------------------------------------------
-
-def test_param_groups_exempt_a_logs_ds_and_norms_and_skip_frozen():
-    net = tiny_net()
-    decay, no_decay = m3amba_param_groups(net, weight_decay=0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    ids = lambda params: {id(p) for p in params}
-    exempt = {id(net.layers_hsi[0].op.op.ssm.A_logs), id(net.layers_aux[1].op.ssm_guide.Ds),
-              id(net.layers_fused[0].op.ssm.A_logs), id(net.layers_fused[0].norm.weight),
-              id(net.head_fused.norm.bias), id(net.layers_hsi[0].op.op.out_norm.weight)}
-    assert exempt <= ids(no_decay["params"])
-    assert {id(net.layers_hsi[0].op.op.in_proj.weight), id(net.adapter_hsi.linear.weight),
-            id(net.layers_fused[1].op.ssm.x_proj_weight)} <= ids(decay["params"])
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
-    assert not ids(net.clip.parameters()) & (ids(decay["params"]) | ids(no_decay["params"]))

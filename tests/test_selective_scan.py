@@ -1,53 +1,28 @@
-"""rsfusion.kernels.selective_scan (torch backend, dispatch, validation) against a literal step-by-step oracle."""
+"""rsfusion.kernels.selective_scan (torch backend, dispatch, validation) against the reference, selective_scan_ref."""
+import importlib.util
 import logging
+import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from rsfusion import kernels
 from rsfusion.kernels import selective_scan, selective_scan_ref
-from rsfusion.kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, resolve_backend
+from rsfusion.kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, check_backend, resolve_backend
 
+ROOT = Path(__file__).resolve().parents[1]
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The S6 recurrence written plainly, one time step at a time, in float64.
-
-    h_l = exp(dt_l * A) * h_{l-1} + dt_l * B_l * u_l;  y_l = <C_l, h_l> + D * u_l;  y_l *= silu(z_l),
-    with dt = softplus(delta + delta_bias) (identity above 20). Returns (out, last state).
-    """
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    batch, dim, length = u.shape
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    channel = torch.arange(dim)
-    B_of_channel = B[:, channel // (dim // B.shape[1])]  # (batch, dim, N, L)
-    C_of_channel = C[:, channel // (dim // C.shape[1])]
-    # Per-step views via unbind: its backward is one stack (indexing [..., step] would make the
-    # oracle's own backward quadratic in L).
-    steps = zip(u.unbind(-1), delta.unbind(-1), B_of_channel.unbind(-1), C_of_channel.unbind(-1),
-                z.double().unbind(-1) if z is not None else [None] * length)
-    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
-    outputs = []
-    for u_l, delta_l, B_l, C_l, z_l in steps:
-        dt = delta_l
-        if delta_bias is not None:
-            dt = dt + delta_bias.double()
-        if delta_softplus:
-            dt = torch.where(dt <= 20, torch.log1p(torch.exp(dt)), dt)
-        h = torch.exp(dt[:, :, None] * A) * h + (dt * u_l)[:, :, None] * B_l
-        y = (h * C_l).sum(-1)
-        if D is not None:
-            y = y + D.double() * u_l
-        if z_l is not None:
-            y = y * z_l * torch.sigmoid(z_l)
-        outputs.append(y)
-    return torch.stack(outputs, dim=-1), h
+    """The one reference (kernels/reference.py, a step-by-step loop) on the inputs upcast to float64:
+    (out, last state), differentiable with respect to float64 leaves."""
+    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    doubled = {k: v if v is None else v.double() for k, v in inputs.items()}
+    return selective_scan_ref(**doubled, delta_softplus=delta_softplus, return_last_state=True)
 
 
 def make_inputs(batch, dim, length, nstate, groups=None, extras=True, dtype=torch.float32, seed=0):
@@ -155,12 +130,52 @@ def test_mixed_b_c_layouts_match_oracle(b_groups, c_groups):
     assert_torch_backend_matches_oracle(inputs, grad_out, False)
 
 
-def test_readable_reference_matches_oracle():
-    inputs = make_inputs(2, 8, 29, 16, groups=2, extras=True)
-    out, last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
-    ref_out, ref_last = oracle(**inputs, delta_softplus=True)
+def test_reference_matches_the_recurrence_worked_by_hand():
+    """Two steps, one channel, N = 1, every option: the formulas of kernels/reference.py's docstring."""
+    u, delta, b, c, z = [1.0, 2.0], [0.3, -0.4], [1.5, -2.0], [0.5, 3.0], [0.7, -1.2]
+    a, d, bias = -0.8, 0.25, 0.1
+    dts = [math.log1p(math.exp(x + bias)) for x in delta]
+    h1 = dts[0] * b[0] * u[0]
+    h2 = math.exp(dts[1] * a) * h1 + dts[1] * b[1] * u[1]
+    silu = [x / (1 + math.exp(-x)) for x in z]
+    expected = [(c[0] * h1 + d * u[0]) * silu[0], (c[1] * h2 + d * u[1]) * silu[1]]
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.float64).view(1, 1, -1)
+
+    out, last = selective_scan_ref(t(u), t(delta), torch.tensor([[a]], dtype=torch.float64), t(b), t(c),
+                                   D=torch.tensor([d], dtype=torch.float64), z=t(z),
+                                   delta_bias=torch.tensor([bias], dtype=torch.float64), delta_softplus=True,
+                                   return_last_state=True)
+    assert out.dtype == last.dtype == torch.float64
+    torch.testing.assert_close(out.view(-1), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last.view(-1), torch.tensor([h2], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_the_benchmark_baseline_mamba_ssm_algorithm_matches_the_reference():
+    """benchmarks/selective_scan.py times mamba-ssm's einsum-materialised algorithm: same values and gradients."""
+    spec = importlib.util.spec_from_file_location("_benchmark_selective_scan", ROOT / "benchmarks" / "selective_scan.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    inputs = make_inputs(2, 8, 23, 5, groups=4, extras=True)
+    inputs.pop("z")  # the benchmark's VMamba-style call has no gate
+    grad_out = torch.randn(2, 8, 23, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out = benchmark.mamba_ssm_ref_algorithm(**leaves, delta_softplus=True)
+    (out.double() * grad_out).sum().backward()
+    ref_out, _, ref_grads = oracle_with_grads(inputs, grad_out, True)
     assert_close(out, ref_out, "out")
-    assert_close(last, ref_last, "last_state")
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, ref_grads[name], f"grad {name}")
+
+
+def test_reference_computes_float32_and_half_inputs_in_float32():
+    inputs = make_inputs(2, 4, 9, 3, groups=2, extras=True, dtype=torch.bfloat16)
+    out, last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    ref_out, ref_last = oracle(**inputs, delta_softplus=True)
+    assert_close(last, ref_last, "last_state", rtol=1e-5, atol=1e-5)  # the same upcast inputs, float32 vs 64
+    assert_close(out, ref_out, "out", rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("groups,extras", [(None, False), (2, True)])
@@ -293,6 +308,16 @@ def test_unknown_backend_and_bad_env_var_raise(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match=ENV_VAR):
         selective_scan(**_base())
+
+
+def test_check_backend_accepts_what_runs_here_and_refuses_the_rest(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "triton")  # the environment variable is resolved per call, never checked here
+    assert check_backend("auto") == "auto" and check_backend("torch") == "torch"
+    with pytest.raises(ValueError, match=r"^must be one of \('auto', 'cuda', 'triton', 'torch'\), got 'Torch'$"):
+        check_backend("Torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device and this machine has none"):
+            check_backend("cuda")
 
 
 def test_auto_falls_back_to_torch_on_cpu_and_logs_once(monkeypatch, caplog):

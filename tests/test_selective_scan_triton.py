@@ -1,4 +1,4 @@
-"""Triton backend of rsfusion.kernels.selective_scan against the literal oracle, forward and backward.
+"""Triton backend of rsfusion.kernels.selective_scan against the reference (selective_scan_ref), forward and backward.
 
 With a GPU the tests run the compiled kernels here. Without one they need the Triton interpreter,
 and TRITON_INTERPRET=1 must be set before triton itself is first imported (triton's own
@@ -24,7 +24,7 @@ from rsfusion.kernels import dispatch, resolve_backend, selective_scan  # noqa: 
 
 
 def _load_sibling(name):
-    """The oracle and input helpers of test_selective_scan.py, however the tests directory is imported."""
+    """The reference-oracle and input helpers of test_selective_scan.py, however the tests directory is imported."""
     spec = importlib.util.spec_from_file_location(f"_selective_scan_oracle_{name}", Path(__file__).with_name(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

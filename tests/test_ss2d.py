@@ -1,13 +1,15 @@
 """SS2D / VSS block: shapes, gradients, VMamba initialisation, parameter counts, and equality with a
 direct computation of the four scan directions (four separate reference scans)."""
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rsfusion.kernels.reference import selective_scan_ref
-from rsfusion.lightning_modules.networks.ss2d import SS2D, DropPath, VSSBlock
+from rsfusion.lightning_modules.networks.layers import DropPath
+from rsfusion.lightning_modules.networks.ss2d import SS2D, VSSBlock
 
 
 def _direct_ss2d(module, x):
@@ -124,3 +126,40 @@ def test_drop_path_is_identity_in_eval_and_drops_whole_samples_in_train():
     assert set(per_sample.unique().tolist()) <= {0.0, 2.0}
     assert torch.all(per_sample.min(1).values == per_sample.max(1).values)
     assert 0 < (per_sample[:, 0] == 0).sum() < 64
+
+
+# ---------------------------------------------------------------------------------------------
+# scan_backend: the model's choice reaches rsfusion.kernels.selective_scan
+
+
+@pytest.mark.parametrize("scan_backend", ["torch", "auto"])
+def test_scan_backend_reaches_selective_scan(scan_backend, scan_backend_calls, monkeypatch):
+    monkeypatch.delenv("RSFUSION_SCAN_BACKEND", raising=False)
+    torch.manual_seed(0)
+    block = VSSBlock(8, d_state=4, scan_backend=scan_backend)
+    x = torch.randn(2, 3, 5, 8)
+    out = block(x)
+    assert scan_backend_calls == [(scan_backend, "torch")]
+    torch.manual_seed(0)
+    assert torch.equal(out, VSSBlock(8, d_state=4)(x))  # the backend changes the kernel, not the maths (on CPU)
+
+
+def test_unknown_scan_backend_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"^scan_backend must be one of \('auto', 'cuda', 'triton', 'torch'\), "
+                                         r"got 'fast'$"):
+        SS2D(8, scan_backend="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="Triton can run here")
+def test_triton_scan_backend_without_gpu_or_interpreter_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"^scan_backend 'triton' needs a CUDA device and this machine has none "
+                                         r"\(on CPU, Triton runs only in its interpreter: TRITON_INTERPRET=1") as err:
+        SS2D(8, scan_backend="triton")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_scan_backend_without_gpu_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"^scan_backend 'cuda' \(mamba-ssm's kernel\) needs a CUDA device"):
+        SS2D(8, scan_backend="cuda")

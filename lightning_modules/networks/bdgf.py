@@ -214,21 +214,22 @@ class MambaBranch(_Branch):
     """Mamba branch guided by group channel attention with the middle diffusion features F2 [R/D].
 
     stem -> tokens (B, P, P, D) -> ``num_blocks`` x [t + SS2D(LN(t))] (the suite's shared SS2D,
-    ``d_state``, ``ssm_ratio``, ``d_conv``) with GCA(t, Conv1x1(f2)) after block ``gca_after``
+    ``d_state``, ``ssm_ratio``, ``d_conv``, ``scan_backend``) with GCA(t, Conv1x1(f2)) after block ``gca_after``
     -> LN -> pooling (``"mean"`` of tokens or the ``"center"`` token) -> z (B, D).
     """
 
     def __init__(self, modality_channels: Mapping[str, int], num_classes: int, guide_channels: int | None = 128,
                  dim: int = 64, num_blocks: int = 2, d_state: int = 16, ssm_ratio: float = 2.0, d_conv: int = 3,
                  gca_after: int = 1, gca_groups: int = 4, gca_reduction: int = 4, pooling: str = "mean",
-                 head_dropout: float = 0.1):
+                 head_dropout: float = 0.1, scan_backend: str = "auto"):
         super().__init__(modality_channels, guide_channels, num_classes, dim, head_dropout, guide_norm=False)
         if pooling not in ("mean", "center"):
             raise ValueError(f"pooling must be 'mean' or 'center', got {pooling!r}")
         if num_blocks < 1 or not 1 <= gca_after <= num_blocks:
             raise ValueError(f"gca_after must be in [1, num_blocks={num_blocks}], got {gca_after}")
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_blocks))
-        self.mixers = nn.ModuleList(SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv)
+        self.mixers = nn.ModuleList(SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv,
+                                         scan_backend=scan_backend)
                                     for _ in range(num_blocks))
         self.gca = GroupChannelAttention(dim, gca_groups, gca_reduction) if self.guided else None
         self.gca_after, self.pooling = gca_after, pooling

@@ -20,18 +20,20 @@ in the cross branch, both modalities) go through one grouped ``selective_scan`` 
 one call per direction; the AALF outer product is computed in its equal scalar form alpha * B;
 the patch geometry follows the ``ms_patch_size`` argument instead of hard-coded reshapes.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
+from rsfusion.lightning_modules.networks.layers import (
+    NUM_DIRECTIONS, Mlp, check_scan_backend, directional_ssm_parameters, mamba_init_, project_directions)
 
-__all__ = ["DAS2FNet", "pixel_shuffle_tokens"]
+__all__ = ["DAS2FNet", "VARIANTS", "pixel_shuffle_tokens"]
+
+# The authors' two nets, by the name of their file (model_<name>.py): number of CMDA stages.
+VARIANTS = {"nanjing": 2, "smallxian": 1}
 
 PAN_TO_MS = 4  # PAN resolution / MS resolution; also the stem patch and the SPVM unfold factor
-NUM_DIRECTIONS = 4  # SS2D scan orders (see rsfusion.kernels.cross_scan)
 FUSION_SHUFFLE = 2  # PS2: pixel-shuffle factor applied to every map before fusion
 
 
@@ -43,19 +45,6 @@ def pixel_shuffle_tokens(x, factor):
     this is SPVM's space-preserving unfold, with factor 2 the PS2 step before fusion.
     """
     return F.pixel_shuffle(x.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
-
-
-class Mlp(nn.Module):
-    """Token MLP: Linear(d, ratio*d) -> GELU -> Linear(ratio*d, d) on (..., d). [C]"""
-
-    def __init__(self, dim, mlp_ratio=4):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, dim * mlp_ratio)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim * mlp_ratio, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SpvmParameters(nn.Module):
@@ -76,30 +65,15 @@ class SpvmParameters(nn.Module):
         self.local_conv = nn.Conv2d(unfolded, unfolded, 3, padding=1, groups=unfolded)
         self.patch_conv = nn.Conv2d(unfolded, d_model, PAN_TO_MS, stride=PAN_TO_MS)
         self.patch_norm = nn.BatchNorm2d(d_model)
-        self.x_proj_weight = nn.Parameter(torch.empty(NUM_DIRECTIONS, dt_rank + 2 * d_state, d_model))
-        self.dt_proj_weight = nn.Parameter(torch.empty(NUM_DIRECTIONS, d_model, dt_rank))
-        self.dt_proj_bias = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_model))
-        self.A_log = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_model, d_state))
-        self.D = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_model))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        (self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log,
+         self.D) = directional_ssm_parameters(d_model, d_state, dt_rank, flat_dt_bias=True)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.reset_ssm_parameters()
 
-    @torch.no_grad()
     def reset_ssm_parameters(self):
-        """VMamba ``mamba_init`` [C]: W_x ~ nn.Linear default U(±d^-½), W_dt ~ U(±R^-½),
-        Δ-bias = softplus⁻¹(dt) with dt ~ logU[dt_min, dt_max] floored at dt_init_floor,
-        A_log = log(1..N) per channel (S4D-real), D = 1."""
-        nn.init.uniform_(self.x_proj_weight, -self.d_model ** -0.5, self.d_model ** -0.5)
-        nn.init.uniform_(self.dt_proj_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_span = math.log(self.dt_max) - math.log(self.dt_min)
-        dt = torch.exp(torch.rand_like(self.dt_proj_bias) * log_span + math.log(self.dt_min))
-        dt = dt.clamp(min=self.dt_init_floor)
-        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        state_index = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
-        self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))
-        self.D.fill_(1.0)
+        """VMamba ``mamba_init`` [C] (see :func:`~rsfusion.lightning_modules.networks.layers.mamba_init_`)."""
+        mamba_init_(self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D,
+                    self.dt_min, self.dt_max, self.dt_init_floor)
 
     def gate(self, u):
         """z = SiLU(W_in u): (B, H, W, d) -> (B, H, W, d)."""
@@ -116,9 +90,7 @@ class SpvmParameters(nn.Module):
         x = F.silu(self.local_conv(x))
         x = self.patch_norm(self.patch_conv(x))  # (B, d, H, W)
         xs = cross_scan(x)  # (B, K, d, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dt_raw, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt_raw, self.dt_proj_weight)
+        delta, b, c = project_directions(xs, self.x_proj_weight, self.dt_proj_weight, self.d_state)
         length = height * width
         return (xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
                 b.contiguous(), c.contiguous())
@@ -132,12 +104,12 @@ class SpvmParameters(nn.Module):
         return self.out_proj(y * z)
 
 
-def scan_fp32(u, delta, A, B, C, D, delta_bias):
+def scan_fp32(u, delta, A, B, C, D, delta_bias, backend="auto"):
     """Grouped selective scan with Δ-softplus, run in fp32 whatever the autocast dtype (spec §3:
     bf16 autocast is fine for linears and convs, the scan stays fp32). Returns (B, D, L) fp32."""
     with torch.autocast(device_type=u.device.type, enabled=False):
         return selective_scan(u.float(), delta.float(), A, B.float(), C.float(), D=D,
-                              delta_bias=delta_bias, delta_softplus=True)
+                              delta_bias=delta_bias, delta_softplus=True, backend=backend)
 
 
 def merge_directions(y, height, width, out_norm):
@@ -154,8 +126,9 @@ class Spvm(nn.Module):
     four directions in one grouped selective scan; out = W_out(LN(y) ⊙ z).
     """
 
-    def __init__(self, d_model, d_state, dt_rank, **dt_init):
+    def __init__(self, d_model, d_state, dt_rank, scan_backend="auto", **dt_init):
         super().__init__()
+        self.scan_backend = check_scan_backend(scan_backend)
         self.params = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.out_norm = nn.LayerNorm(d_model)
 
@@ -164,18 +137,18 @@ class Spvm(nn.Module):
         z = self.params.gate(u)
         xs, delta, b, c = self.params.scan_inputs(u)
         a, d, delta_bias = self.params.scan_constants()
-        y = scan_fp32(xs, delta, a, b, c, d, delta_bias)
+        y = scan_fp32(xs, delta, a, b, c, d, delta_bias, self.scan_backend)
         return self.params.output(merge_directions(y, height, width, self.out_norm), z)
 
 
 class SpvmBlock(nn.Module):
     """Pre-norm SPVM block: y = x + SPVM(LN(x)); out = y + MLP(LN(y)), one shared LN. [C]"""
 
-    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, **dt_init):
+    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, scan_backend="auto", **dt_init):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.spvm = Spvm(d_model, d_state, dt_rank, **dt_init)
-        self.mlp = Mlp(d_model, mlp_ratio)
+        self.spvm = Spvm(d_model, d_state, dt_rank, scan_backend, **dt_init)
+        self.mlp = Mlp(d_model, d_model * mlp_ratio)
 
     def forward(self, x):
         x = x + self.spvm(self.norm(x))
@@ -197,15 +170,16 @@ class CrossSpvm(nn.Module):
     Inputs m, p: (B, H, W, d) -> common features (m_c, p_c), each (B, H, W, d).
     """
 
-    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, swap=True, **dt_init):
+    def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, swap=True, scan_backend="auto", **dt_init):
         super().__init__()
         self.swap = swap
+        self.scan_backend = check_scan_backend(scan_backend)
         self.norm = nn.LayerNorm(d_model)
         self.ms = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.pan = SpvmParameters(d_model, d_state, dt_rank, **dt_init)
         self.out_norm = nn.LayerNorm(d_model)
-        self.mlp_ms = Mlp(d_model, mlp_ratio)
-        self.mlp_pan = Mlp(d_model, mlp_ratio)
+        self.mlp_ms = Mlp(d_model, d_model * mlp_ratio)
+        self.mlp_pan = Mlp(d_model, d_model * mlp_ratio)
 
     def forward(self, m, p):
         _, height, width, _ = m.shape
@@ -219,7 +193,7 @@ class CrossSpvm(nn.Module):
         # Channels [0, K*d) carry MS values, [K*d, 2K*d) PAN values; group g = direction/modality.
         a, d, delta_bias = (torch.cat(pair) for pair in zip(const_m, const_p))
         y = scan_fp32(torch.cat([xs_m, xs_p], 1), torch.cat([delta_m, delta_p], 1), a,
-                      torch.cat([b_m, b_p], 1), torch.cat([c_m, c_p], 1), d, delta_bias)
+                      torch.cat([b_m, b_p], 1), torch.cat([c_m, c_p], 1), d, delta_bias, self.scan_backend)
         y_m, y_p = y.chunk(2, dim=1)
         m = m + self.ms.output(merge_directions(y_m, height, width, self.out_norm),
                                self.ms.gate(m_normed))
@@ -238,13 +212,13 @@ class CmdaStage(nn.Module):
     """
 
     def __init__(self, d_model, d_state, dt_rank, mlp_ratio=4, cross_swap=True,
-                 dominant_features=True, **dt_init):
+                 dominant_features=True, scan_backend="auto", **dt_init):
         super().__init__()
         self.dominant_features = dominant_features
         if dominant_features:
-            self.self_ms = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, **dt_init)
-            self.self_pan = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, **dt_init)
-        self.cross = CrossSpvm(d_model, d_state, dt_rank, mlp_ratio, cross_swap, **dt_init)
+            self.self_ms = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, scan_backend, **dt_init)
+            self.self_pan = SpvmBlock(d_model, d_state, dt_rank, mlp_ratio, scan_backend, **dt_init)
+        self.cross = CrossSpvm(d_model, d_state, dt_rank, mlp_ratio, cross_swap, scan_backend, **dt_init)
 
     def forward(self, m, p):
         m_c, p_c = self.cross(m, p)
@@ -332,7 +306,8 @@ class DAS2FNet(nn.Module):
         ms_patch_size: MS patch side h, 16 [C]; the PAN patch must be 4h. Sets the head's input
             size h² · d_model.
         pan_patch_size: optional PAN patch side, only checked against 4 · ms_patch_size.
-        stages: number of CMDA stages, 2 [C, "nanjing"]; the "smallxian" net has 1 [C].
+        stages: number of CMDA stages, 2 [C, "nanjing"]; the "smallxian" net has 1 [C] (``VARIANTS``,
+            :meth:`from_variant`).
         d_model: token width, 64 [C]; must be divisible by 16 (the 4×4 unfold).
         d_state: SSM state size N, 24 [C].
         dt_rank: rank R of the Δ projection, 24 [C] (not VMamba's ceil(d/16)).
@@ -345,6 +320,8 @@ class DAS2FNet(nn.Module):
             (no self branches, no fusion module).
         fusion: "aalf" [C] or "concat" [D] (see :class:`ConcatFusion`); needs dominant features.
         dt_min, dt_max, dt_init_floor: Δ-bias initialisation range, 1e-3, 1e-1, 1e-4 [C].
+        scan_backend: ``backend`` of every selective scan ("auto" [default: RSFUSION_SCAN_BACKEND if
+            set, else the fastest that runs], "torch", "triton", "cuda"; checked at construction).
 
     Initialisation: ``xavier_uniform_`` on every Conv2d/Linear weight [G]; biases, norms and the
     raw SSM parameters keep their own init (see :meth:`SpvmParameters.reset_ssm_parameters`).
@@ -354,8 +331,9 @@ class DAS2FNet(nn.Module):
     def __init__(self, num_classes, ms_channels=4, pan_channels=1, ms_patch_size=16,
                  pan_patch_size=None, stages=2, d_model=64, d_state=24, dt_rank=24, mlp_ratio=4,
                  head_hidden=1024, cross_swap=True, dominant_features=True, fusion="aalf",
-                 dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4):
+                 dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, scan_backend="auto"):
         super().__init__()
+        check_scan_backend(scan_backend)
         positive = dict(num_classes=num_classes, ms_channels=ms_channels, pan_channels=pan_channels,
                         ms_patch_size=ms_patch_size, stages=stages, d_model=d_model,
                         d_state=d_state, dt_rank=dt_rank, mlp_ratio=mlp_ratio,
@@ -384,7 +362,7 @@ class DAS2FNet(nn.Module):
         self.ms_stem = PatchStem(ms_channels, d_model)
         self.pan_stem = PatchStem(PAN_TO_MS, d_model)
         self.stages = nn.ModuleList(
-            CmdaStage(d_model, d_state, dt_rank, mlp_ratio, cross_swap, dominant_features, **dt_init)
+            CmdaStage(d_model, d_state, dt_rank, mlp_ratio, cross_swap, dominant_features, scan_backend, **dt_init)
             for _ in range(stages))
         if dominant_features and fusion == "aalf":
             self.fusions = nn.ModuleList(Aalf(fused_channels) for _ in range(stages))
@@ -396,14 +374,11 @@ class DAS2FNet(nn.Module):
         self.init_weights()
 
     @classmethod
-    def nanjing(cls, num_classes, **kwargs):
-        """The authors' 2-stage net (``model_nanjing.py``)."""
-        return cls(num_classes, stages=2, **kwargs)
-
-    @classmethod
-    def smallxian(cls, num_classes, **kwargs):
-        """The authors' 1-stage net (``model_smallxian.py``)."""
-        return cls(num_classes, stages=1, **kwargs)
+    def from_variant(cls, variant, num_classes, stages=None, **kwargs):
+        """One of the authors' nets by name (see ``VARIANTS``); ``stages`` overrides its stage count."""
+        if variant not in VARIANTS:
+            raise ValueError(f"DAS2FNet: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        return cls(num_classes, stages=stages or VARIANTS[variant], **kwargs)
 
     def init_weights(self):
         """``xavier_uniform_`` on every Conv2d and Linear weight [G]; everything else keeps its init."""

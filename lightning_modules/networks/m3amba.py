@@ -11,16 +11,17 @@ prediction on square tiles (32 x 32 in the paper's setup):
   each of ``depth`` steps x <- CrossVSS_x(x, z), y <- CrossVSS_y(y, z), z <- VSS(x + y).
 * Heads: LayerNorm + Conv1x1(dims -> K) on x, y and z.
 
-Tokens are channel-last (B, H, W, C) inside the stacks, like VMamba.
-Also here: :func:`m3amba_loss` (our masked CE + cosine consistency, the paper's weights being unknown)
-and :func:`m3amba_param_groups` (AdamW groups without weight decay on A_logs, Ds and norms).
+Tokens are channel-last (B, H, W, C) inside the stacks, like VMamba. The training recipe lives with
+the task: :func:`rsfusion.lightning_modules.losses.m3amba_loss` and
+:func:`rsfusion.lightning_modules.optim.no_weight_decay_groups`.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rsfusion.lightning_modules.networks.layers import DropPath, Mlp, check_scan_backend
 from rsfusion.lightning_modules.networks.ss2d import (
-    SS2D, DirectionalSSM, DropPath, Mlp, VSSBlock, resolve_dt_rank, vmamba_init_weights)
+    SS2D, DirectionalSSM, VSSBlock, resolve_dt_rank, vmamba_init_weights)
 
 EXCHANGES = ("B", "C", "none")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,6 +42,7 @@ class CrossSS2D(nn.Module):
         exchange: "B" (authors), "C" (ablation: swap C instead) or "none" (no exchange).
         avg_A: average the two streams' A (authors: True); False = each its own A.
         shared_stream_weights: share the SS2D body between the streams (authors: True).
+        scan_backend: selective-scan backend of both streams' scans (see :class:`DirectionalSSM`).
 
     ``forward(p, q, compute_guidance_output)`` takes (B, H, W, C) tensors and returns
     (out_p, out_q). With ``compute_guidance_output=False`` only what out_p needs is computed from q
@@ -49,17 +51,19 @@ class CrossSS2D(nn.Module):
 
     def __init__(self, d_model, d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3,
                  conv_bias=True, dropout=0.0, exchange="B", avg_A=True,
-                 shared_stream_weights=True):
+                 shared_stream_weights=True, scan_backend="auto"):
         super().__init__()
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
         self.exchange, self.avg_A = exchange, avg_A
-        self.op = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout)
+        self.op = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout, scan_backend=scan_backend)
         if shared_stream_weights:
             self.op_guide = None
-            self.ssm_guide = DirectionalSSM(self.op.d_inner, d_state, resolve_dt_rank(dt_rank, d_model))
+            self.ssm_guide = DirectionalSSM(self.op.d_inner, d_state, resolve_dt_rank(dt_rank, d_model),
+                                            scan_backend=scan_backend)
         else:
-            self.op_guide = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout)
+            self.op_guide = SS2D(d_model, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, dropout,
+                                 scan_backend=scan_backend)
 
     @property
     def guide_body(self):
@@ -113,13 +117,13 @@ class CrossVSSBlock(nn.Module):
 
     def __init__(self, hidden_dim, drop_path=0.0, d_state=16, ssm_ratio=2.0, dt_rank="auto",
                  d_conv=3, conv_bias=True, ssm_dropout=0.0, mlp_ratio=4.0, mlp_drop=0.0,
-                 exchange="B", avg_A=True, shared_stream_weights=True):
+                 exchange="B", avg_A=True, shared_stream_weights=True, scan_backend="auto"):
         super().__init__()
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
         self.norm = nn.LayerNorm(hidden_dim)
         self.op = CrossSS2D(hidden_dim, d_state, ssm_ratio, dt_rank, d_conv, conv_bias,
-                            ssm_dropout, exchange, avg_A, shared_stream_weights)
+                            ssm_dropout, exchange, avg_A, shared_stream_weights, scan_backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio), mlp_drop)
@@ -241,6 +245,8 @@ class M3ambaNet(nn.Module):
         linear_embed_trainable: train the C -> 3 linear embeddings by back-propagating through the
             frozen CLIP [ours: True; the authors' training code is unavailable, their checkpoint
             stores these convs]. False freezes them and runs CLIP under no_grad.
+        scan_backend: ``backend`` of every selective scan ("auto" [default: RSFUSION_SCAN_BACKEND if
+            set, else the fastest that runs], "torch", "triton", "cuda"; checked at construction).
 
     ``forward(hsi (B, C_h, S, S), aux (B, C_a, S, S))`` returns the logits
     ``(hsi_logits, aux_logits, fused_logits)``, each (B, K, S, S); the authors predict from the
@@ -252,8 +258,10 @@ class M3ambaNet(nn.Module):
                  d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3, mlp_ratio=4.0,
                  drop_path_rate=0.1, image_size=32, clip_model="openai/clip-vit-base-patch32",
                  clip_config=None, exchange="B", avg_A=True, compute_guidance_output=False,
-                 shared_stream_weights=True, clip_normalize=False, linear_embed_trainable=True):
+                 shared_stream_weights=True, clip_normalize=False, linear_embed_trainable=True,
+                 scan_backend="auto"):
         super().__init__()
+        check_scan_backend(scan_backend)
         for name, value in (("hsi_channels", hsi_channels), ("aux_channels", aux_channels),
                             ("num_classes", num_classes), ("dims", dims), ("depth", depth),
                             ("image_size", image_size)):
@@ -285,7 +293,7 @@ class M3ambaNet(nn.Module):
         self.patch_embed_aux = PatchEmbed(aux_channels, dims)
 
         ssm = dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv,
-                   mlp_ratio=mlp_ratio)
+                   mlp_ratio=mlp_ratio, scan_backend=scan_backend)
         cross = dict(ssm, exchange=exchange, avg_A=avg_A, shared_stream_weights=shared_stream_weights)
         rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.layers_hsi = nn.ModuleList(CrossVSSBlock(dims, rate, **cross) for rate in rates)
@@ -347,67 +355,3 @@ class M3ambaNet(nn.Module):
 
     def forward(self, hsi, aux):
         return self.forward_head(self.forward_features(hsi, aux))
-
-
-def m3amba_loss(outputs, target, mask=None, ignore_index=-1, ce_weights=(1 / 3, 1 / 3, 1 / 3),
-                supervised_weight=1.0, consistency_weight=0.1, detach_fused=False, class_weights=None,
-                label_smoothing=0.0):
-    """Masked CE on the three heads plus cosine consistency (figure: L = l1 L_sup + l2 L_unsup).
-
-    The form follows the paper's figure; the weights are ours (the paper's are unknown):
-    L_sup = sum_i ce_weights[i] * CE_i (mean CE over the labelled pixels of head i; default: the
-    mean over the three heads), L_unsup = (1 - cos(M_hsi, M_fused)) + (1 - cos(M_aux, M_fused)),
-    cosine over the class axis, averaged over all pixels (labelled or not).
-
-    Args:
-        outputs: (hsi_logits, aux_logits, fused_logits), each (B, K, H, W).
-        target: (B, H, W) integer labels.
-        mask: optional (B, H, W); pixels with mask > 0 are labelled (the authors' loader style,
-            where unlabelled pixels carry class 0). Without it, target == ignore_index is unlabelled.
-        ignore_index: unlabelled value of ``target`` when no mask is given (-1).
-        supervised_weight, consistency_weight: l1, l2 [ours: 1.0, 0.1].
-        detach_fused: stop the consistency gradient into the fused head [ours: False].
-        class_weights, label_smoothing: ``F.cross_entropy``'s ``weight`` (K,) and ``label_smoothing``,
-            applied to each head's CE (weighted mean over the labelled pixels).
-
-    Returns a dict of scalar tensors: loss, ce_hsi, ce_aux, ce_fused, consistency.
-    """
-    if len(outputs) != 3 or len(ce_weights) != 3:
-        raise ValueError("outputs and ce_weights must each hold 3 entries (hsi, aux, fused)")
-    if target.shape != outputs[2].shape[:1] + outputs[2].shape[2:]:
-        raise ValueError(f"target must be (B, H, W) = {tuple(outputs[2].shape[:1] + outputs[2].shape[2:])}, "
-                         f"got {tuple(target.shape)}")
-    labelled = (mask > 0) if mask is not None else (target != ignore_index)
-    labels = target[labelled].long()
-    ces = []
-    for logits in outputs:
-        pixels = logits.float().permute(0, 2, 3, 1)[labelled]  # (P, K)
-        ces.append(F.cross_entropy(pixels, labels, weight=class_weights, label_smoothing=label_smoothing)
-                   if labels.numel() else pixels.sum() * 0.0)
-    fused = outputs[2].float().detach() if detach_fused else outputs[2].float()
-    consistency = sum(1.0 - F.cosine_similarity(o.float(), fused, dim=1).mean() for o in outputs[:2])
-    supervised = sum(w * ce for w, ce in zip(ce_weights, ces))
-    return {"loss": supervised_weight * supervised + consistency_weight * consistency,
-            "ce_hsi": ces[0], "ce_aux": ces[1], "ce_fused": ces[2], "consistency": consistency}
-
-
-def m3amba_param_groups(model, weight_decay=0.05):
-    """AdamW parameter groups: no weight decay on A_logs, Ds (``_no_weight_decay``) and LayerNorms.
-
-    Frozen parameters (CLIP, and the linear embeddings when not trainable) are left out.
-    Returns [{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}].
-    """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm)
-                   for p in module.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        if getattr(param, "_no_weight_decay", False) or id(param) in norm_params:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]

@@ -21,8 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
+from rsfusion.lightning_modules.networks.layers import (
+    NUM_DIRECTIONS, DropPath, Mlp, check_fraction, check_scan_backend, directional_ssm_parameters, mamba_init_,
+    project_directions)
 
-NUM_DIRECTIONS = 4
+__all__ = ["SS2D", "VSSBlock", "DirectionalSSM", "resolve_dt_rank", "vmamba_init_weights"]
 
 
 def vmamba_init_weights(module):
@@ -46,50 +49,12 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_fraction(name, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-
-
 def resolve_dt_rank(dt_rank, d_model):
     """``"auto"`` -> ceil(d_model / 16) (VMamba/Mamba rule); an int is returned as is."""
     if dt_rank == "auto":
         return math.ceil(d_model / 16)
     _check_positive_int("dt_rank", dt_rank)
     return dt_rank
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm semantics, survivors rescaled by 1/keep_prob)."""
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        _check_fraction("drop_prob", drop_prob)
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep_prob = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
-        return x * mask / keep_prob
-
-    def extra_repr(self):
-        return f"drop_prob={self.drop_prob}"
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Dropout -> Linear -> Dropout on the last axis (timm ``Mlp``)."""
-
-    def __init__(self, in_features, hidden_features, drop=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class DirectionalSSM(nn.Module):
@@ -102,6 +67,8 @@ class DirectionalSSM(nn.Module):
         dt_min, dt_max, dt_init_floor, dt_scale: delta initialisation (Mamba's "random" dt init):
             dt ~ logU[dt_min, dt_max] floored at dt_init_floor, dt_projs_bias = softplus^-1(dt),
             dt_projs_weight ~ U(+-dt_scale * R^-0.5).
+        scan_backend: ``backend`` of :func:`rsfusion.kernels.selective_scan` ("auto", "torch",
+            "triton", "cuda"; checked here, see :func:`rsfusion.kernels.check_backend`).
 
     Parameters (VMamba names): ``x_proj_weight`` (K, R + 2N, D), nn.Linear's default uniform init;
     ``dt_projs_weight`` (K, D, R); ``dt_projs_bias`` (K, D); ``A_logs`` (K*D, N); ``Ds`` (K*D,).
@@ -109,36 +76,20 @@ class DirectionalSSM(nn.Module):
     """
 
     def __init__(self, d_inner, d_state=16, dt_rank=24, dt_min=1e-3, dt_max=0.1,
-                 dt_init_floor=1e-4, dt_scale=1.0):
+                 dt_init_floor=1e-4, dt_scale=1.0, scan_backend="auto"):
         super().__init__()
+        self.scan_backend = check_scan_backend(scan_backend)
         _check_positive_int("d_inner", d_inner)
         _check_positive_int("d_state", d_state)
         _check_positive_int("dt_rank", dt_rank)
-        if not 0.0 < dt_min <= dt_max:
-            raise ValueError(f"dt_min/dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
-        k = NUM_DIRECTIONS
-        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner))
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
-        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
-        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
-        self.Ds = nn.Parameter(torch.empty(k * d_inner))
-        self.A_logs._no_weight_decay = True
-        self.Ds._no_weight_decay = True
+        (self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+         self.Ds) = directional_ssm_parameters(d_inner, d_state, dt_rank)
         self.reset_parameters(dt_min, dt_max, dt_init_floor, dt_scale)
 
-    @torch.no_grad()
     def reset_parameters(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0):
-        bound = 1.0 / math.sqrt(self.d_inner)  # nn.Linear(d_inner, .)'s default kaiming-uniform
-        self.x_proj_weight.uniform_(-bound, bound)
-        dt_std = dt_scale * self.dt_rank ** -0.5
-        self.dt_projs_weight.uniform_(-dt_std, dt_std)
-        log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min))
-        dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        states = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_logs.device)
-        self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
-        self.Ds.fill_(1.0)
+        mamba_init_(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                    dt_min, dt_max, dt_init_floor, dt_scale)
 
     def A(self):
         """The (negative, real) state matrix -exp(A_logs), fp32, shape (K*D, N)."""
@@ -146,9 +97,7 @@ class DirectionalSSM(nn.Module):
 
     def project(self, xs):
         """xs (B, K, D, L) -> delta (B, K*D, L) (before bias/softplus), B and C (B, K, N, L)."""
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        dts, Bs, Cs = project_directions(xs, self.x_proj_weight, self.dt_projs_weight, self.d_state)
         return dts.flatten(1, 2), Bs, Cs
 
     def project_B(self, xs):
@@ -171,7 +120,7 @@ class DirectionalSSM(nn.Module):
         ys = selective_scan(
             xs.reshape(batch, k * d, length).float(), dts.float(),
             self.A() if A is None else A.float(), Bs.float(), Cs.float(), self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True)
+            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True, backend=self.scan_backend)
         return ys.view(batch, k, d, length)
 
 
@@ -187,6 +136,7 @@ class SS2D(nn.Module):
         conv_bias: bias of that conv (True, as VMamba).
         dropout: dropout after out_proj (0 in VMamba / M3amba).
         dt_min, dt_max, dt_init_floor, dt_scale: delta init, see :class:`DirectionalSSM`.
+        scan_backend: selective-scan backend, see :class:`DirectionalSSM`.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
     Parameter count for C = 384, N = 16, ratio 2, dt_rank 24: 1,195,008.
@@ -194,7 +144,7 @@ class SS2D(nn.Module):
 
     def __init__(self, d_model, d_state=16, ssm_ratio=2.0, dt_rank="auto", d_conv=3,
                  conv_bias=True, dropout=0.0, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4,
-                 dt_scale=1.0):
+                 dt_scale=1.0, scan_backend="auto"):
         super().__init__()
         _check_positive_int("d_model", d_model)
         if not ssm_ratio > 0:
@@ -203,13 +153,13 @@ class SS2D(nn.Module):
         _check_positive_int("d_inner (ssm_ratio * d_model)", d_inner)
         if isinstance(d_conv, bool) or not isinstance(d_conv, int) or d_conv < 1 or d_conv % 2 == 0:
             raise ValueError(f"d_conv must be an odd positive int, got {d_conv!r}")
-        _check_fraction("dropout", dropout)
+        check_fraction("dropout", dropout)
         self.d_model, self.d_inner = d_model, d_inner
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2,
                                 groups=d_inner, bias=conv_bias)
         self.ssm = DirectionalSSM(d_inner, d_state, resolve_dt_rank(dt_rank, d_model),
-                                  dt_min, dt_max, dt_init_floor, dt_scale)
+                                  dt_min, dt_max, dt_init_floor, dt_scale, scan_backend)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -258,6 +208,7 @@ class VSSBlock(nn.Module):
         ssm_dropout: dropout after SS2D's out_proj (0 in M3amba).
         mlp_ratio: MLP hidden = int(mlp_ratio * C), GELU (4.0 in M3amba; 0 disables the MLP).
         mlp_drop: MLP dropout (0 in M3amba).
+        scan_backend: selective-scan backend, see :class:`DirectionalSSM`.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
     Parameter count for C = 384 with M3amba's settings: 2,378,112.
@@ -265,13 +216,13 @@ class VSSBlock(nn.Module):
 
     def __init__(self, hidden_dim, drop_path=0.0, d_state=16, ssm_ratio=2.0, dt_rank="auto",
                  d_conv=3, conv_bias=True, ssm_dropout=0.0, mlp_ratio=4.0, mlp_drop=0.0,
-                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0):
+                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0, scan_backend="auto"):
         super().__init__()
         if mlp_ratio < 0:
             raise ValueError(f"mlp_ratio must be >= 0, got {mlp_ratio!r}")
         self.norm = nn.LayerNorm(hidden_dim)
         self.op = SS2D(hidden_dim, d_state, ssm_ratio, dt_rank, d_conv, conv_bias, ssm_dropout,
-                       dt_min, dt_max, dt_init_floor, dt_scale)
+                       dt_min, dt_max, dt_init_floor, dt_scale, scan_backend)
         self.drop_path = DropPath(drop_path)
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(hidden_dim)
