@@ -17,12 +17,13 @@ from rsfusion.datamodules.io import InputError, RasterError, is_gdal_raster, rea
 from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
 from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
 from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
-                                  TileDataset, balanced_classes, collate, covering_tiles)
+                                  TileDataset, balanced_classes, collate)
 from rsfusion.datamodules.scene import (Normalization, Normalizer, PadMode, Scene, borrow_georeferencing, grid_ratios,
                                load_scene, reference_header)
 from rsfusion.datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
                                sample_per_class)
-from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules.tiling import covering_tiles, grid_windows, strided_tiles
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming
 
 log = logging.getLogger(__name__)
 
@@ -424,11 +425,7 @@ class RasterDataModule(L.LightningDataModule):
         labels = self._tile_labels(split)
         tile = self.patch_size
         if split == "train":
-            h, w = self.shape
-            ys = np.arange(-(tile // 2), max(h - tile // 2, 1), self.train_stride)
-            xs = np.arange(-(tile // 2), max(w - tile // 2, 1), self.train_stride)
-            origins = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
-            keep = None
+            origins, keep = strided_tiles(self.shape, tile, self.train_stride), None
         else:
             origins, keep = covering_tiles(self.shape, tile)
         dataset = TileDataset(self.scene, origins, tile, labels, keep)

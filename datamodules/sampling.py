@@ -136,45 +136,12 @@ class PixelPatchDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
-def grid_origins(length: int, tile: int, stride: int) -> np.ndarray:
-    """Tile starts at ``stride`` steps, plus a last tile flush with the end, so every index is covered."""
-    if length <= tile:
-        return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, length - tile + 1, stride)
-    if starts[-1] + tile < length:
-        starts = np.append(starts, length - tile)
-    return starts.astype(np.int64)
-
-
-def covering_tiles(shape: tuple[int, int], tile: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles covering every pixel exactly once: (origins (n, 2), first owned local row/col (n, 2)).
-
-    Tiles sit on a ``tile`` grid; the last row/column of tiles is shifted flush with the image edge
-    and owns only the pixels the previous tile did not (the authors' tiling dropped those edges).
-    """
-    out_origin, out_keep = [], []
-    per_axis = []
-    for length in shape:
-        starts = grid_origins(length, tile, tile)
-        keep = np.zeros_like(starts)
-        if len(starts) > 1:
-            keep[-1] = starts[-2] + tile - starts[-1]
-        per_axis.append((starts, keep))
-    for y, ky in zip(*per_axis[0]):
-        for x, kx in zip(*per_axis[1]):
-            out_origin.append((y, x))
-            out_keep.append((ky, kx))
-    origins = np.array(out_origin, dtype=np.int64).reshape(-1, 2)
-    keep = np.array(out_keep, dtype=np.int64).reshape(-1, 2)
-    return origins, keep
-
-
 class TileDataset(Dataset):
     """Dense ``tile`` x ``tile`` windows with their whole label tile as target (``tile`` sampling).
 
     ``labels`` is the (H, W) map of 0-based classes with :data:`IGNORE_INDEX` for unlabelled pixels;
     pixels outside the image or before ``keep`` (owned by another tile) are ignored too, so each
-    labelled pixel is counted once when tiles come from :func:`covering_tiles`. Without labels
+    labelled pixel is counted once when tiles come from :func:`~rsfusion.datamodules.tiling.covering_tiles`. Without labels
     (prediction) samples carry ``"origin"`` and the owned-pixel mask ``"owned"``.
     """
 

@@ -16,18 +16,12 @@ import torch
 from torch.utils.data import Dataset
 
 from rsfusion.datamodules.io import RasterError, read_raster
-from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset, covering_tiles
+from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset
 from rsfusion.datamodules.scene import (BandStats, Normalization, Normalizer, PadMode, Scene, _block_mask, _coarse_valid,
                                pad_edges, pca_from_moments)
+from rsfusion.datamodules.tiling import Window, covering_tiles, grid_windows
 
-Window = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 on the reference grid
 MAX_PERCENTILE_SAMPLES = 1_000_000
-
-
-def grid_windows(shape: tuple[int, int], size: int) -> list[Window]:
-    """Non-overlapping ``size`` x ``size`` blocks covering the grid, row-major."""
-    h, w = shape
-    return [(r, min(r + size, h), c, min(c + size, w)) for r in range(0, h, size) for c in range(0, w, size)]
 
 
 @dataclass
@@ -191,7 +185,7 @@ class WindowedPredictDataset(Dataset):
     """Prediction samples of the whole scene, read window by window (pixel or tile sampling).
 
     ``pixel``: windows are ``window`` x ``window`` blocks, their valid pixels the samples (row-major).
-    ``tile``: the whole scene's covering tiles (:func:`~rsfusion.datamodules.sampling.covering_tiles`), grouped
+    ``tile``: the whole scene's covering tiles (:func:`~rsfusion.datamodules.tiling.covering_tiles`), grouped
     by the block their origin falls in, so the tiles and owned pixels equal the in-memory ones.
     Samples carry global ``index`` / ``origin`` like the in-memory datasets. Indices must come in
     (mostly) increasing order, as prediction asks for them: one window is cached at a time.

@@ -6,8 +6,7 @@ import pytest
 
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.io import read_raster
-from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset,
-                                  covering_tiles)
+from rsfusion.datamodules.sampling import IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset
 from rsfusion.datamodules.scene import Scene, fit_band_stats
 from rsfusion.datamodules.splits import block_split, pixels_inside_patches
 from tests.conftest import write_tif
@@ -68,15 +67,6 @@ def test_ms_pan_patches_cover_the_same_ground(tmp_path):
     np.testing.assert_array_equal(batch["ms"][:, 0, 1, 1].numpy(), rows * 1000 + cols)
     np.testing.assert_array_equal(batch["pan"][:, 0, 4:8, 4:8].numpy(),
                                   np.broadcast_to((rows * 1000 + cols)[:, None, None], (len(rows), 4, 4)))
-
-
-@pytest.mark.parametrize("shape,tile", [((70, 45), 32), ((20, 13), 32), ((64, 64), 32), ((33, 31), 8)])
-def test_covering_tiles_own_every_pixel_exactly_once(shape, tile):
-    origins, keep = covering_tiles(shape, tile)
-    count = np.zeros(shape, dtype=int)
-    for (y, x), (ky, kx) in zip(origins, keep):
-        count[y + ky:min(y + tile, shape[0]), x + kx:min(x + tile, shape[1])] += 1
-    assert (count == 1).all()
 
 
 def test_tile_evaluation_counts_each_test_pixel_once(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.scene import load_scene
-from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules.tiling import grid_windows
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming
 from tests.conftest import write_tif
 
 H, W = 23, 29
