@@ -18,12 +18,13 @@ from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generato
 from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
 from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
                                   TileDataset, balanced_classes, collate)
-from rsfusion.datamodules.scene import (Normalization, Normalizer, PadMode, Scene, borrow_georeferencing, grid_ratios,
+from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers
+from rsfusion.datamodules.scene import (PadMode, Scene, borrow_georeferencing, grid_ratios,
                                load_scene, reference_header)
 from rsfusion.datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
                                sample_per_class)
 from rsfusion.datamodules.tiling import covering_tiles, grid_windows, strided_tiles
-from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ class RasterDataModule(L.LightningDataModule):
             self.scene = load_scene(self.modalities, pad=self.patch_size, normalization=hp.normalization,
                                     normalization_overrides=hp.normalization_overrides,
                                     clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
-                                    nodata=hp.nodata, pad_mode=hp.pad_mode)
+                                    nodata=hp.nodata, pad_mode=hp.pad_mode, seed=hp.seed)
             self.normalizers = self.scene.normalizers
         return self.scene
 
@@ -448,8 +449,9 @@ class RasterDataModule(L.LightningDataModule):
         if normalizers is None:
             rank_zero_info("Fitting normalisation statistics window by window (no checkpoint statistics)")
             modes = {name: (hp.normalization_overrides or {}).get(name, hp.normalization) for name in self.modalities}
-            normalizers = fit_streaming(source, grid_windows(self.shape, hp.predict_window), modes,
-                                        hp.clip_percentile, self._fit_mask(), hp.pca, hp.seed)
+            normalizers = fit_normalizers(source.read, grid_windows(self.shape, hp.predict_window), self.shape,
+                                          self.ratios, self.modalities, modes, hp.clip_percentile, self._fit_mask(),
+                                          hp.pca, hp.seed)
             self.normalizers = normalizers
         return WindowedPredictDataset(source, normalizers, self.sampling, self.patch_size, hp.predict_window)
 

@@ -91,3 +91,16 @@ def random_origins(shape: tuple[int, int], tile: int, count: int,
     ys = torch.randint(0, h - tile + 1, (count,), generator=generator)
     xs = torch.randint(0, w - tile + 1, (count,), generator=generator)
     return ys, xs
+
+
+def block_mask(mask: np.ndarray, ratio: int) -> np.ndarray:
+    """A reference-grid mask on a grid ``ratio`` times finer (each pixel becomes a ratio x ratio block)."""
+    return mask if ratio == 1 else np.repeat(np.repeat(mask, ratio, axis=0), ratio, axis=1)
+
+
+def coarse_valid(valid: np.ndarray, ratio: int) -> np.ndarray:
+    """A reference pixel is valid only if its whole block of finer pixels is valid."""
+    if ratio == 1:
+        return valid
+    h, w = valid.shape[0] // ratio, valid.shape[1] // ratio
+    return valid.reshape(h, ratio, w, ratio).all(axis=(1, 3))

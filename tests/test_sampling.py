@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from rsfusion.datamodules import RasterDataModule
-from rsfusion.datamodules.io import read_raster
+from rsfusion.datamodules.io import Raster, read_raster
 from rsfusion.datamodules.sampling import IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset
-from rsfusion.datamodules.scene import Scene, fit_band_stats
+from rsfusion.datamodules.normalization import fit_normalizers, in_memory_reader, sampled
+from rsfusion.datamodules.scene import Scene
 from rsfusion.datamodules.splits import block_split, pixels_inside_patches
 from tests.conftest import write_tif
 
@@ -83,17 +84,48 @@ def test_tile_evaluation_counts_each_test_pixel_once(tmp_path):
     assert np.array_equal(np.bincount(labels[labels >= 0]), np.bincount(test[test > 0] - 1))
 
 
+def _fit(pixels: np.ndarray, mode: str, clip=None, valid=None, seed=0, windows=None):
+    """fit_normalizers on one in-memory (bands, 1, n) modality."""
+    raster = Raster("x.tif", pixels[:, None, :], np.ones((1, pixels.shape[1]), bool) if valid is None else valid[None])
+    shape = (1, pixels.shape[1])
+    read = in_memory_reader({"x": raster}, raster.valid, {"x": 1})
+    return fit_normalizers(read, windows or [(0, 1, 0, shape[1])], shape, {"x": 1}, {"x": "x.tif"}, {"x": mode},
+                           clip, None, None, seed)["x"]
+
+
 def test_normalisation_uses_valid_pixels_and_survives_constant_bands():
     pixels = np.stack([np.arange(10.0), np.full(10, 7.0)])
-    stats = fit_band_stats(pixels, "zscore", None)
-    out = stats.apply(pixels[:, :, None])[:, :, 0]
+    out = _fit(pixels, "zscore").apply(pixels[:, None], np.ones((1, 10), bool))[:, 0]
     np.testing.assert_allclose(out[0].mean(), 0, atol=1e-6)
     np.testing.assert_allclose(out[0].std(), 1, atol=1e-5)
     np.testing.assert_array_equal(out[1], 0)  # constant band: no division by zero
-    minmax = fit_band_stats(pixels, "minmax", None).apply(pixels[:, :, None])[:, :, 0]
+    minmax = _fit(pixels, "minmax").apply(pixels[:, None], np.ones((1, 10), bool))[:, 0]
     np.testing.assert_allclose(minmax[0], np.arange(10) / 9, rtol=1e-6)
-    clipped = fit_band_stats(np.arange(101.0)[None], "minmax", 10).apply(np.array([[[0.0], [100.0]]]))
+    clipped = _fit(np.arange(101.0)[None], "minmax", 10).apply(np.array([[[0.0, 100.0]]]), np.ones((1, 2), bool))
     np.testing.assert_allclose(clipped.ravel(), [0, 1])
+    # invalid pixels neither count in the statistics nor keep their value: they get the mean (0 under zscore)
+    valid = np.arange(12) < 10
+    spiked = np.concatenate([pixels, [[1e6, 1e6], [1e6, 1e6]]], axis=1)
+    normalizer = _fit(spiked, "zscore", valid=valid)
+    np.testing.assert_allclose(normalizer.stats.offset, [4.5, 7.0])
+    np.testing.assert_allclose(normalizer.stats.scale, [np.arange(10.0).std(), 1.0], rtol=1e-6)
+    np.testing.assert_allclose(normalizer.apply(spiked[:, None], valid[None])[:, 0, 10:], 0, atol=1e-6)
+
+
+def test_clip_percentiles_of_a_large_scene_come_from_a_seeded_sample_of_fixed_pixels(monkeypatch):
+    monkeypatch.setattr("rsfusion.datamodules.normalization.MAX_PERCENTILE_SAMPLES", 500)
+    pixels = np.random.default_rng(0).normal(size=(1, 4000)) ** 3
+    cols = np.arange(4000)
+    chosen = sampled(np.zeros(4000, dtype=np.int64), cols, 4000, 500 / 4000, seed=3)
+    assert 400 < chosen.sum() < 600
+    assert not np.array_equal(chosen, sampled(np.zeros(4000, dtype=np.int64), cols, 4000, 500 / 4000, seed=4))
+    whole = _fit(pixels, "none", clip=5.0, seed=3)
+    windows = _fit(pixels, "none", clip=5.0, seed=3, windows=[(0, 1, c, min(c + 333, 4000)) for c in range(0, 4000, 333)])
+    want = np.percentile(pixels[0, chosen], [5, 95])  # the percentiles of exactly the sampled pixels
+    np.testing.assert_allclose([whole.stats.lo[0], whole.stats.hi[0]], want, rtol=1e-6)
+    np.testing.assert_array_equal(windows.stats.lo, whole.stats.lo)
+    np.testing.assert_array_equal(windows.stats.hi, whole.stats.hi)
+    assert whole.stats.lo[0] != np.float32(np.percentile(pixels, 5))  # a sample, not all the pixels
 
 
 def test_block_split_is_disjoint_stratified_and_guarded():
