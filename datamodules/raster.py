@@ -82,7 +82,8 @@ class RasterDataModule(L.LightningDataModule):
         label_map: old class value -> new class value (0 = unlabelled), applied to every label map
             right after reading, e.g. ``{1: 1, 2: 2, 3: 2}`` merges classes 2 and 3. Every class value
             in the maps must be a key; ``class_names`` then names the new classes.
-        seed: the seed of the random splits (validation blocks use ``seed + 1``). ``None`` (default):
+        seed: the data seed: random splits (validation blocks use ``seed + 1``), the training order
+            (per epoch), the augmentation draws and the ``clip_percentile`` sample. ``None`` (default):
             the run's ``seed_everything`` (the CLI fills it in; 0 outside the CLI), so runs with
             different seeds draw different splits; set it to keep one split across seeds.
         class_names: names of classes 1..K; fixes K (labels above K are an error). Default: K from the
@@ -456,14 +457,14 @@ class RasterDataModule(L.LightningDataModule):
         return WindowedPredictDataset(source, normalizers, self.sampling, self.patch_size, hp.predict_window)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        # The training order depends on (global seed, epoch) only, so resumed runs match exactly.
+        # The training order depends on (data seed, epoch) only, so resumed runs match exactly.
         # Under DDP, evaluation splits the samples without repeating any (exact synchronised metrics);
         # prediction is split by Lightning the same way.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if shuffle and self.hparams.balanced_sampling:
-            sampler = ClassBalancedSampler(balanced_classes(dataset), torch.initial_seed(), world, rank)
+            sampler = ClassBalancedSampler(balanced_classes(dataset), self.hparams.seed, world, rank)
         elif shuffle:
-            sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), world, rank)
+            sampler = EpochShuffleSampler(len(dataset), self.hparams.seed, world, rank)
         elif world > 1:
             if len(dataset) < world:  # a process without samples would skip the metric synchronisation: a hang
                 raise InputError(f"{self.reference.path}: an evaluation set has {len(dataset)} samples, fewer than "
@@ -477,7 +478,6 @@ class RasterDataModule(L.LightningDataModule):
                           drop_last=shuffle and per_rank % batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
-        self._augment_seed = torch.initial_seed()  # the seed the training order uses too
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -487,7 +487,7 @@ class RasterDataModule(L.LightningDataModule):
             return batch
         batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the batch_idx training_step receives
         device = next(iter(batch.values())).device
-        generator = batch_generator(self._augment_seed, trainer.current_epoch, trainer.global_rank, batch_idx, device)
+        generator = batch_generator(self.hparams.seed, trainer.current_epoch, trainer.global_rank, batch_idx, device)
         extra = getattr(self.train_dataset, "extra", 0)
         return self.augmenter(batch, generator, extra, getattr(self.train_dataset, "size", 0))
 

@@ -34,23 +34,22 @@ def _gather(views: dict[str, np.ndarray], y: np.ndarray, x: np.ndarray) -> dict[
 class EpochShuffleSampler(DistributedSampler):
     """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    Under DDP each of ``num_replicas`` processes takes every ``num_replicas``-th index of the same
-    permutation (padded by wrapping around so all ranks run the same number of steps). It is a
-    ``DistributedSampler``, so Lightning keeps it and calls :meth:`set_epoch` every epoch.
+    A :class:`~torch.utils.data.DistributedSampler` over ``length`` samples (``shuffle`` is always on):
+    Lightning keeps it under DDP and calls :meth:`set_epoch` every epoch. Each of ``num_replicas``
+    processes takes every ``num_replicas``-th index of the same permutation; the permutation is padded
+    by wrapping around so all ranks run ``len(self)`` steps, or with ``drop_last`` cut to a multiple
+    of ``num_replicas``. ``num_replicas``/``rank`` default to the initialised process group's (else
+    1 and 0), as in ``DistributedSampler``.
     """
 
-    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
-        self.num_replicas, self.rank = num_replicas, rank
-        self.num_samples = -(-length // num_replicas)
-        self.total_size = self.num_samples * num_replicas
-        self.shuffle, self.drop_last = True, False  # what code inspecting a DistributedSampler reads
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
+    def __init__(self, length: int, seed: int, num_replicas: int | None = None, rank: int | None = None,
+                 drop_last: bool = False):
+        if num_replicas is None or rank is None:
+            group = torch.distributed.is_available() and torch.distributed.is_initialized()
+            num_replicas = (torch.distributed.get_world_size() if group else 1) if num_replicas is None else num_replicas
+            rank = (torch.distributed.get_rank() if group else 0) if rank is None else rank
+        super().__init__(range(length), num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.length = length
 
     def _order(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(self.length, generator=generator)
@@ -59,8 +58,8 @@ class EpochShuffleSampler(DistributedSampler):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
         order = self._order(generator)
         if self.total_size > self.length:
-            order = order.repeat(-(-self.total_size // self.length))[:self.total_size]
-        return iter(order[self.rank::self.num_replicas].tolist())
+            order = order.repeat(-(-self.total_size // self.length))
+        return iter(order[:self.total_size][self.rank::self.num_replicas].tolist())
 
 
 class ClassBalancedSampler(EpochShuffleSampler):
@@ -72,9 +71,10 @@ class ClassBalancedSampler(EpochShuffleSampler):
     ``num_replicas``-th draw of the same sequence).
     """
 
-    def __init__(self, classes: np.ndarray, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, classes: np.ndarray, seed: int, num_replicas: int | None = None, rank: int | None = None,
+                 drop_last: bool = False):
         classes = np.asarray(classes)
-        super().__init__(len(classes), seed, num_replicas, rank)
+        super().__init__(len(classes), seed, num_replicas, rank, drop_last)
         order = np.argsort(classes, kind="stable")
         _, counts = np.unique(classes, return_counts=True)
         self.members = torch.from_numpy(order)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DistributedSampler
 
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.io import Raster, read_raster
@@ -230,6 +232,37 @@ def test_ddp_ranks_split_one_draw_sequence_disjointly(sampler_class):
         assert rebuilt[len(whole):] == whole[:len(rebuilt) - len(whole)]  # padding wraps around
 
 
+@pytest.mark.parametrize("length,world", [(57, 4), (57, 3), (5, 8), (64, 4)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_samplers_size_their_rank_shares_like_torchs_distributed_sampler(length, world, drop_last):
+    torch_samplers = [DistributedSampler(range(length), world, rank, drop_last=drop_last) for rank in range(world)]
+    ours = [EpochShuffleSampler(length, seed=9, num_replicas=world, rank=rank, drop_last=drop_last)
+            for rank in range(world)]
+    balanced = ClassBalancedSampler(np.arange(length) % 3, seed=9, num_replicas=world, rank=world - 1,
+                                    drop_last=drop_last)
+    for mine, theirs in zip(ours + [balanced], torch_samplers + [torch_samplers[-1]]):
+        assert isinstance(mine, DistributedSampler) and mine.shuffle and mine.drop_last is drop_last
+        assert (len(mine), mine.num_samples, mine.total_size) == (len(theirs), theirs.num_samples, theirs.total_size)
+        assert len(list(mine)) == len(mine)
+    shares = [list(s) for s in ours]
+    taken = [i for share in shares for i in share]
+    if drop_last:  # no index twice, the tail of the permutation left out
+        assert len(set(taken)) == len(taken) == length - length % world
+    else:  # every index, the first ones again on the last ranks
+        assert set(taken) == set(range(length)) and len(taken) == -(-length // world) * world
+    with pytest.raises(ValueError, match="Invalid rank"):
+        EpochShuffleSampler(length, seed=9, num_replicas=world, rank=world)
+
+
+def test_sampler_order_is_the_seeded_permutation_of_its_epoch():
+    sampler = EpochShuffleSampler(50, seed=7)
+    assert (sampler.num_replicas, sampler.rank, sampler.seed, sampler.epoch) == (1, 0, 7, 0)
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        want = torch.randperm(50, generator=torch.Generator().manual_seed(7 * 1_000_003 + epoch)).tolist()
+        assert list(sampler) == want
+
+
 def test_tile_rarest_class_against_brute_force():
     rng = np.random.default_rng(4)
     h, w, tile = 21, 26, 8
@@ -272,3 +305,34 @@ def test_balanced_tile_sampling_through_the_datamodule(tmp_path):
     plain = RasterDataModule(**common)
     plain.setup("fit")
     assert type(plain.train_dataloader().sampler) is EpochShuffleSampler
+
+
+@pytest.mark.parametrize("extra,order_seed", [([], 3), (["--data.init_args.seed", "11"], 11)])
+def test_the_cli_run_orders_and_augments_training_batches_by_the_data_seed(tmp_path, monkeypatch, extra, order_seed):
+    """Default: the data seed is the run's seed_everything, the seed the order came from before (torch's
+    initial seed), so default runs keep their batches; an explicit data seed drives order and augmentation."""
+    from types import SimpleNamespace
+
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, "demo", dict(scene_height=24, scene_width=32, train_per_class=8, patch_size=5,
+                                                batch_size=8, augment={"flip": True}), dict(width=8))
+    monkeypatch.chdir(tmp_path)
+    cli = RSFusionCLI(**cli_kwargs(), args=["--config", str(config), "--seed_everything", "3", *extra], run=False)
+    assert torch.initial_seed() == 3
+    dm = cli.datamodule
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, EpochShuffleSampler) and sampler.seed == order_seed
+    n = len(dm.train_dataset)
+    sampler.set_epoch(1)
+    assert list(sampler) == torch.randperm(n, generator=torch.Generator().manual_seed(order_seed * 1_000_003 + 1)).tolist()
+
+    seeds = []
+    monkeypatch.setattr("rsfusion.datamodules.raster.batch_generator",
+                        lambda seed, *args: seeds.append(seed) or torch.Generator().manual_seed(0))
+    dm.trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=0,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=0)))
+    dm.on_after_batch_transfer(dm.train_dataset.__getitems__(list(range(4))), 0)
+    assert seeds == [order_seed]
