@@ -123,6 +123,17 @@ class RasterDataModule(L.LightningDataModule):
     Maps are written on the reference grid with its georeferencing; when the reference is an array
     without one (``.mat``, ``.npy``), the transform (and CRS, if any) of the first georeferenced input
     is used and the log says so.
+
+    What happens when: ``__init__`` reads no raster pixel. It reads the rasters' headers (band counts
+    for ``in_channels``, grids, georeferencing) and the label maps, and makes the splits (per-class
+    sampling, spatial blocks, validation blocks, guard bands) with their checks: all of it on the
+    label grid, small integer maps next to a scene of many float bands, and all of it what the CLI
+    links into the model (``in_channels``, ``num_classes``, ``class_names``, ``dense``,
+    ``patch_size``) or needs to build the Trainer (``has_validation``), so every one-line error about
+    grids, labels and splits comes while the CLI instantiates its classes, before the Trainer starts
+    or DDP processes spawn. ``setup`` does the heavy part: reading and normalising the scene's pixels
+    (:meth:`load`), the datasets and the leakage count. ``lightning fit --print_config`` builds
+    nothing: it reads neither headers nor pixels.
     """
 
     def __init__(
@@ -183,19 +194,7 @@ class RasterDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
         self.num_workers = num_workers
 
-        headers = {name: read_header(p) for name, p in self.modalities.items()}
-        self._bands = {name: h.bands for name, h in headers.items()}
-        self.ratios = grid_ratios(headers)
-        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None]
-        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
-                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
-        if source is not None:
-            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
-                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
-        self.shape = self.reference.shape
-        if max(self.shape) < patch_size:
-            raise InputError(f"patch_size {patch_size} is larger than the scene {self.shape} of "
-                             f"{self.reference.path}")
+        self._probe_layout([p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None])
 
         self.class_names = list(class_names) if class_names else None
         self.hparams.seed = seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
@@ -224,6 +223,21 @@ class RasterDataModule(L.LightningDataModule):
         self.label_maps = self._split(maps, train_per_class, val_fraction, test_fraction, split_block_size,
                                       patch_size // 2 if guard is None else guard, seed)
         self._check_splits(self.label_maps, train_labels or labels, test_labels or labels, fixed_k is not None)
+
+    def _probe_layout(self, label_paths: list[str]) -> None:
+        """Band counts, grid ratios, the reference grid and its georeferencing, from headers only."""
+        headers = {name: read_header(p) for name, p in self.modalities.items()}
+        self._bands = {name: h.bands for name, h in headers.items()}
+        self.ratios = grid_ratios(headers)
+        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
+                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
+        if source is not None:
+            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
+                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
+        self.shape = self.reference.shape
+        if max(self.shape) < self.patch_size:
+            raise InputError(f"patch_size {self.patch_size} is larger than the scene {self.shape} of "
+                             f"{self.reference.path}")
 
     def _init_training_options(self, pad_mode: str, augment: Augment | None) -> None:
         if pad_mode not in ("reflect", "zero"):
