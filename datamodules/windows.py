@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsfusion.datamodules.io import RasterError, read_raster
+from rsfusion.datamodules.io import read_raster
 from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset
 from rsfusion.datamodules.normalization import Normalizer
 from rsfusion.datamodules.scene import PadMode, Scene, pad_edges
