@@ -195,14 +195,21 @@ def fit_normalizers(read: Reader, windows: list[Window], shape: tuple[int, int],
             mask = block_mask(valid, r) & raster.valid
             yield name, raster.data[:, mask].astype(np.float64), mask, (r0 * r, c0 * r)
 
+    whole = list(fit_pixels(windows[0])) if len(windows) == 1 else None  # one window (in memory): gathered once
+
+    def pixels_of(window: Window):
+        return whole if whole is not None else fit_pixels(window)
+
     bounds = {}
     if clip_percentile:
         samples = {name: [] for name in names}
         for window in windows:
-            for name, x, mask, (top, left) in fit_pixels(window):
+            for name, x, mask, (top, left) in pixels_of(window):
                 rate = min(1.0, MAX_PERCENTILE_SAMPLES / (shape[0] * shape[1] * ratios[name] ** 2))
-                rows, cols = np.nonzero(mask)
-                samples[name].append(x[:, sampled(rows + top, cols + left, shape[1] * ratios[name], rate, seed)])
+                if rate < 1.0:
+                    rows, cols = np.nonzero(mask)
+                    x = x[:, sampled(rows + top, cols + left, shape[1] * ratios[name], rate, seed)]
+                samples[name].append(x)
         for name in names:
             x = np.concatenate(samples[name], axis=1)
             if x.shape[1]:
@@ -210,7 +217,7 @@ def fit_normalizers(read: Reader, windows: list[Window], shape: tuple[int, int],
                                 np.percentile(x, 100 - clip_percentile, axis=1))
     moments: dict[str, Moments] = {}
     for window in windows:
-        for name, x, _, _ in fit_pixels(window):
+        for name, x, _, _ in pixels_of(window):
             if name in bounds:
                 x = np.clip(x, bounds[name][0][:, None], bounds[name][1][:, None])
             moments.setdefault(name, Moments(x.shape[0], cross=name in pca)).add(x)
