@@ -17,12 +17,14 @@ from rsfusion.datamodules.io import InputError, RasterError, is_gdal_raster, rea
 from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
 from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
 from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
-                                  TileDataset, balanced_classes, collate, covering_tiles)
-from rsfusion.datamodules.scene import (Normalization, Normalizer, PadMode, Scene, borrow_georeferencing, grid_ratios,
+                                  TileDataset, balanced_classes, collate)
+from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers
+from rsfusion.datamodules.scene import (PadMode, Scene, borrow_georeferencing, grid_ratios,
                                load_scene, reference_header)
 from rsfusion.datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
                                sample_per_class)
-from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules.tiling import covering_tiles, grid_windows, strided_tiles
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ class RasterDataModule(L.LightningDataModule):
         label_map: old class value -> new class value (0 = unlabelled), applied to every label map
             right after reading, e.g. ``{1: 1, 2: 2, 3: 2}`` merges classes 2 and 3. Every class value
             in the maps must be a key; ``class_names`` then names the new classes.
-        seed: the seed of the random splits (validation blocks use ``seed + 1``). ``None`` (default):
+        seed: the data seed: random splits (validation blocks use ``seed + 1``), the training order
+            (per epoch), the augmentation draws and the ``clip_percentile`` sample. ``None`` (default):
             the run's ``seed_everything`` (the CLI fills it in; 0 outside the CLI), so runs with
             different seeds draw different splits; set it to keep one split across seeds.
         class_names: names of classes 1..K; fixes K (labels above K are an error). Default: K from the
@@ -120,6 +123,17 @@ class RasterDataModule(L.LightningDataModule):
     Maps are written on the reference grid with its georeferencing; when the reference is an array
     without one (``.mat``, ``.npy``), the transform (and CRS, if any) of the first georeferenced input
     is used and the log says so.
+
+    What happens when: ``__init__`` reads no raster pixel. It reads the rasters' headers (band counts
+    for ``in_channels``, grids, georeferencing) and the label maps, and makes the splits (per-class
+    sampling, spatial blocks, validation blocks, guard bands) with their checks: all of it on the
+    label grid, small integer maps next to a scene of many float bands, and all of it what the CLI
+    links into the model (``in_channels``, ``num_classes``, ``class_names``, ``dense``,
+    ``patch_size``) or needs to build the Trainer (``has_validation``), so every one-line error about
+    grids, labels and splits comes while the CLI instantiates its classes, before the Trainer starts
+    or DDP processes spawn. ``setup`` does the heavy part: reading and normalising the scene's pixels
+    (:meth:`load`), the datasets and the leakage count. ``lightning fit --print_config`` builds
+    nothing: it reads neither headers nor pixels.
     """
 
     def __init__(
@@ -180,19 +194,7 @@ class RasterDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
         self.num_workers = num_workers
 
-        headers = {name: read_header(p) for name, p in self.modalities.items()}
-        self._bands = {name: h.bands for name, h in headers.items()}
-        self.ratios = grid_ratios(headers)
-        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None]
-        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
-                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
-        if source is not None:
-            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
-                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
-        self.shape = self.reference.shape
-        if max(self.shape) < patch_size:
-            raise InputError(f"patch_size {patch_size} is larger than the scene {self.shape} of "
-                             f"{self.reference.path}")
+        self._probe_layout([p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None])
 
         self.class_names = list(class_names) if class_names else None
         self.hparams.seed = seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
@@ -221,6 +223,21 @@ class RasterDataModule(L.LightningDataModule):
         self.label_maps = self._split(maps, train_per_class, val_fraction, test_fraction, split_block_size,
                                       patch_size // 2 if guard is None else guard, seed)
         self._check_splits(self.label_maps, train_labels or labels, test_labels or labels, fixed_k is not None)
+
+    def _probe_layout(self, label_paths: list[str]) -> None:
+        """Band counts, grid ratios, the reference grid and its georeferencing, from headers only."""
+        headers = {name: read_header(p) for name, p in self.modalities.items()}
+        self._bands = {name: h.bands for name, h in headers.items()}
+        self.ratios = grid_ratios(headers)
+        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
+                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
+        if source is not None:
+            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
+                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
+        self.shape = self.reference.shape
+        if max(self.shape) < self.patch_size:
+            raise InputError(f"patch_size {self.patch_size} is larger than the scene {self.shape} of "
+                             f"{self.reference.path}")
 
     def _init_training_options(self, pad_mode: str, augment: Augment | None) -> None:
         if pad_mode not in ("reflect", "zero"):
@@ -340,7 +357,7 @@ class RasterDataModule(L.LightningDataModule):
             self.scene = load_scene(self.modalities, pad=self.patch_size, normalization=hp.normalization,
                                     normalization_overrides=hp.normalization_overrides,
                                     clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
-                                    nodata=hp.nodata, pad_mode=hp.pad_mode)
+                                    nodata=hp.nodata, pad_mode=hp.pad_mode, seed=hp.seed)
             self.normalizers = self.scene.normalizers
         return self.scene
 
@@ -424,11 +441,7 @@ class RasterDataModule(L.LightningDataModule):
         labels = self._tile_labels(split)
         tile = self.patch_size
         if split == "train":
-            h, w = self.shape
-            ys = np.arange(-(tile // 2), max(h - tile // 2, 1), self.train_stride)
-            xs = np.arange(-(tile // 2), max(w - tile // 2, 1), self.train_stride)
-            origins = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
-            keep = None
+            origins, keep = strided_tiles(self.shape, tile, self.train_stride), None
         else:
             origins, keep = covering_tiles(self.shape, tile)
         dataset = TileDataset(self.scene, origins, tile, labels, keep)
@@ -451,20 +464,21 @@ class RasterDataModule(L.LightningDataModule):
         if normalizers is None:
             rank_zero_info("Fitting normalisation statistics window by window (no checkpoint statistics)")
             modes = {name: (hp.normalization_overrides or {}).get(name, hp.normalization) for name in self.modalities}
-            normalizers = fit_streaming(source, grid_windows(self.shape, hp.predict_window), modes,
-                                        hp.clip_percentile, self._fit_mask(), hp.pca, hp.seed)
+            normalizers = fit_normalizers(source.read, grid_windows(self.shape, hp.predict_window), self.shape,
+                                          self.ratios, self.modalities, modes, hp.clip_percentile, self._fit_mask(),
+                                          hp.pca, hp.seed)
             self.normalizers = normalizers
         return WindowedPredictDataset(source, normalizers, self.sampling, self.patch_size, hp.predict_window)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        # The training order depends on (global seed, epoch) only, so resumed runs match exactly.
+        # The training order depends on (data seed, epoch) only, so resumed runs match exactly.
         # Under DDP, evaluation splits the samples without repeating any (exact synchronised metrics);
         # prediction is split by Lightning the same way.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if shuffle and self.hparams.balanced_sampling:
-            sampler = ClassBalancedSampler(balanced_classes(dataset), torch.initial_seed(), world, rank)
+            sampler = ClassBalancedSampler(balanced_classes(dataset), self.hparams.seed, world, rank)
         elif shuffle:
-            sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), world, rank)
+            sampler = EpochShuffleSampler(len(dataset), self.hparams.seed, world, rank)
         elif world > 1:
             if len(dataset) < world:  # a process without samples would skip the metric synchronisation: a hang
                 raise InputError(f"{self.reference.path}: an evaluation set has {len(dataset)} samples, fewer than "
@@ -478,7 +492,6 @@ class RasterDataModule(L.LightningDataModule):
                           drop_last=shuffle and per_rank % batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
-        self._augment_seed = torch.initial_seed()  # the seed the training order uses too
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -488,7 +501,7 @@ class RasterDataModule(L.LightningDataModule):
             return batch
         batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the batch_idx training_step receives
         device = next(iter(batch.values())).device
-        generator = batch_generator(self._augment_seed, trainer.current_epoch, trainer.global_rank, batch_idx, device)
+        generator = batch_generator(self.hparams.seed, trainer.current_epoch, trainer.global_rank, batch_idx, device)
         extra = getattr(self.train_dataset, "extra", 0)
         return self.augmenter(batch, generator, extra, getattr(self.train_dataset, "size", 0))
 

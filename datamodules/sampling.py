@@ -34,23 +34,22 @@ def _gather(views: dict[str, np.ndarray], y: np.ndarray, x: np.ndarray) -> dict[
 class EpochShuffleSampler(DistributedSampler):
     """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    Under DDP each of ``num_replicas`` processes takes every ``num_replicas``-th index of the same
-    permutation (padded by wrapping around so all ranks run the same number of steps). It is a
-    ``DistributedSampler``, so Lightning keeps it and calls :meth:`set_epoch` every epoch.
+    A :class:`~torch.utils.data.DistributedSampler` over ``length`` samples (``shuffle`` is always on):
+    Lightning keeps it under DDP and calls :meth:`set_epoch` every epoch. Each of ``num_replicas``
+    processes takes every ``num_replicas``-th index of the same permutation; the permutation is padded
+    by wrapping around so all ranks run ``len(self)`` steps, or with ``drop_last`` cut to a multiple
+    of ``num_replicas``. ``num_replicas``/``rank`` default to the initialised process group's (else
+    1 and 0), as in ``DistributedSampler``.
     """
 
-    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
-        self.num_replicas, self.rank = num_replicas, rank
-        self.num_samples = -(-length // num_replicas)
-        self.total_size = self.num_samples * num_replicas
-        self.shuffle, self.drop_last = True, False  # what code inspecting a DistributedSampler reads
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
+    def __init__(self, length: int, seed: int, num_replicas: int | None = None, rank: int | None = None,
+                 drop_last: bool = False):
+        if num_replicas is None or rank is None:
+            group = torch.distributed.is_available() and torch.distributed.is_initialized()
+            num_replicas = (torch.distributed.get_world_size() if group else 1) if num_replicas is None else num_replicas
+            rank = (torch.distributed.get_rank() if group else 0) if rank is None else rank
+        super().__init__(range(length), num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.length = length
 
     def _order(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(self.length, generator=generator)
@@ -59,8 +58,8 @@ class EpochShuffleSampler(DistributedSampler):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
         order = self._order(generator)
         if self.total_size > self.length:
-            order = order.repeat(-(-self.total_size // self.length))[:self.total_size]
-        return iter(order[self.rank::self.num_replicas].tolist())
+            order = order.repeat(-(-self.total_size // self.length))
+        return iter(order[:self.total_size][self.rank::self.num_replicas].tolist())
 
 
 class ClassBalancedSampler(EpochShuffleSampler):
@@ -72,9 +71,10 @@ class ClassBalancedSampler(EpochShuffleSampler):
     ``num_replicas``-th draw of the same sequence).
     """
 
-    def __init__(self, classes: np.ndarray, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, classes: np.ndarray, seed: int, num_replicas: int | None = None, rank: int | None = None,
+                 drop_last: bool = False):
         classes = np.asarray(classes)
-        super().__init__(len(classes), seed, num_replicas, rank)
+        super().__init__(len(classes), seed, num_replicas, rank, drop_last)
         order = np.argsort(classes, kind="stable")
         _, counts = np.unique(classes, return_counts=True)
         self.members = torch.from_numpy(order)
@@ -136,45 +136,12 @@ class PixelPatchDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
-def grid_origins(length: int, tile: int, stride: int) -> np.ndarray:
-    """Tile starts at ``stride`` steps, plus a last tile flush with the end, so every index is covered."""
-    if length <= tile:
-        return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, length - tile + 1, stride)
-    if starts[-1] + tile < length:
-        starts = np.append(starts, length - tile)
-    return starts.astype(np.int64)
-
-
-def covering_tiles(shape: tuple[int, int], tile: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles covering every pixel exactly once: (origins (n, 2), first owned local row/col (n, 2)).
-
-    Tiles sit on a ``tile`` grid; the last row/column of tiles is shifted flush with the image edge
-    and owns only the pixels the previous tile did not (the authors' tiling dropped those edges).
-    """
-    out_origin, out_keep = [], []
-    per_axis = []
-    for length in shape:
-        starts = grid_origins(length, tile, tile)
-        keep = np.zeros_like(starts)
-        if len(starts) > 1:
-            keep[-1] = starts[-2] + tile - starts[-1]
-        per_axis.append((starts, keep))
-    for y, ky in zip(*per_axis[0]):
-        for x, kx in zip(*per_axis[1]):
-            out_origin.append((y, x))
-            out_keep.append((ky, kx))
-    origins = np.array(out_origin, dtype=np.int64).reshape(-1, 2)
-    keep = np.array(out_keep, dtype=np.int64).reshape(-1, 2)
-    return origins, keep
-
-
 class TileDataset(Dataset):
     """Dense ``tile`` x ``tile`` windows with their whole label tile as target (``tile`` sampling).
 
     ``labels`` is the (H, W) map of 0-based classes with :data:`IGNORE_INDEX` for unlabelled pixels;
     pixels outside the image or before ``keep`` (owned by another tile) are ignored too, so each
-    labelled pixel is counted once when tiles come from :func:`covering_tiles`. Without labels
+    labelled pixel is counted once when tiles come from :func:`~rsfusion.datamodules.tiling.covering_tiles`. Without labels
     (prediction) samples carry ``"origin"`` and the owned-pixel mask ``"owned"``.
     """
 

@@ -4,7 +4,8 @@ The scene is never held whole: each window (plus a halo of ``pad`` pixels) is re
 normalised and cut into samples when its first sample is asked for. Windows reproduce the in-memory
 scene exactly: the halo comes from the neighbouring pixels and the scene edge is padded like
 :func:`~rsfusion.datamodules.scene.load_scene` (reflect or zero, ``pad_mode``). Normalisation statistics come from the checkpoint, the loaded
-scene, or a streaming pass over the windows (:func:`fit_streaming`).
+scene, or :func:`~rsfusion.datamodules.normalization.fit_normalizers` fed the windows
+(:meth:`SceneSource.read`).
 """
 from __future__ import annotations
 
@@ -15,19 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsfusion.datamodules.io import RasterError, read_raster
-from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset, covering_tiles
-from rsfusion.datamodules.scene import (BandStats, Normalization, Normalizer, PadMode, Scene, _block_mask, _coarse_valid,
-                               pad_edges, pca_from_moments)
+from rsfusion.datamodules.io import read_raster
+from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset
+from rsfusion.datamodules.normalization import Normalizer
+from rsfusion.datamodules.scene import PadMode, Scene, pad_edges
+from rsfusion.datamodules.tiling import Window, coarse_valid, covering_tiles, grid_windows
 
-Window = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 on the reference grid
-MAX_PERCENTILE_SAMPLES = 1_000_000
-
-
-def grid_windows(shape: tuple[int, int], size: int) -> list[Window]:
-    """Non-overlapping ``size`` x ``size`` blocks covering the grid, row-major."""
-    h, w = shape
-    return [(r, min(r + size, h), c, min(c + size, w)) for r in range(0, h, size) for c in range(0, w, size)]
 
 
 @dataclass
@@ -47,7 +41,7 @@ class SceneSource:
         for name, path in self.paths.items():
             r = self.ratios[name]
             rasters[name] = read_raster(path, self.nodata.get(name), (r0 * r, r1 * r, c0 * r, c1 * r))
-            valid &= _coarse_valid(rasters[name].valid, r)
+            valid &= coarse_valid(rasters[name].valid, r)
         return rasters, valid
 
     def scene(self, core: Window, pad: int, normalizers: Mapping[str, Normalizer]) -> Scene:
@@ -68,7 +62,7 @@ class SceneSource:
             r = self.ratios[name]
             rows = slice((r0 - read[0]) * r, (r1 - read[0]) * r)
             cols = slice((c0 - read[2]) * r, (c1 - read[2]) * r)
-            valid &= _coarse_valid(raster.valid[rows, cols], r)
+            valid &= coarse_valid(raster.valid[rows, cols], r)
         return Scene(data, dict(self.ratios), valid, pad, normalizers=dict(normalizers), pad_mode=self.pad_mode)
 
 
@@ -77,121 +71,11 @@ def valid_counts(source: SceneSource, windows: list[Window]) -> np.ndarray:
     return np.array([int(source.read(win)[1].sum()) for win in windows], dtype=np.int64)
 
 
-class _Moments:
-    """Count, sum, cross-products, min and max of (bands, n) pixel batches, shifted for precision."""
-
-    def __init__(self, bands: int, cross: bool):
-        self.n, self.shift = 0, None
-        self.sum = np.zeros(bands)
-        self.cross = np.zeros((bands, bands)) if cross else None
-        self.sumsq = np.zeros(bands)
-        self.min, self.max = np.full(bands, np.inf), np.full(bands, -np.inf)
-
-    def add(self, x: np.ndarray) -> None:
-        if x.shape[1] == 0:
-            return
-        if self.shift is None:
-            self.shift = x.mean(axis=1)
-        d = x - self.shift[:, None]
-        self.n += x.shape[1]
-        self.sum += d.sum(axis=1)
-        self.sumsq += (d * d).sum(axis=1)
-        if self.cross is not None:
-            self.cross += d @ d.T
-        self.min, self.max = np.minimum(self.min, x.min(axis=1)), np.maximum(self.max, x.max(axis=1))
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.shift + self.sum / self.n
-
-    @property
-    def var(self) -> np.ndarray:
-        return np.maximum(self.sumsq / self.n - (self.sum / self.n) ** 2, 0.0)
-
-    def cov(self) -> np.ndarray:
-        """Unbiased covariance, as ``np.cov``."""
-        centred = self.sum / self.n
-        return (self.cross - self.n * np.outer(centred, centred)) / max(self.n - 1, 1)
-
-
-def _stats_from_moments(m: _Moments, mode: Normalization, lo: np.ndarray, hi: np.ndarray) -> BandStats:
-    bands = len(m.sum)
-    if mode == "zscore":
-        offset, scale = m.mean, np.sqrt(m.var)
-    elif mode == "minmax":
-        offset, scale = m.min, m.max - m.min
-    elif mode == "minmax_global":
-        offset, scale = np.full(bands, m.min.min()), np.full(bands, m.max.max() - m.min.min())
-    elif mode == "none":
-        offset, scale = np.zeros(bands), np.ones(bands)
-    else:
-        raise ValueError(f"normalization must be zscore, minmax, minmax_global or none, got {mode!r}")
-    scale = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(offset)), scale, 1.0)
-    return BandStats(*(v.astype(np.float32) for v in (offset, scale, lo, hi)))
-
-
-def fit_streaming(source: SceneSource, windows: list[Window], modes: Mapping[str, Normalization],
-                  clip_percentile: float | None = None, fit_mask: np.ndarray | None = None,
-                  pca: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, Normalizer]:
-    """The normalisers :func:`~rsfusion.datamodules.scene.load_scene` would fit, from one window at a time.
-
-    Means, standard deviations, min/max and PCA covariances are exact (float64 moments); with
-    ``clip_percentile`` the percentiles come from a seeded random sample of at most
-    :data:`MAX_PERCENTILE_SAMPLES` pixels per modality, so they are close, not equal.
-    """
-    pca = pca or {}
-
-    def fit_pixels(window):
-        rasters, valid = source.read(window)
-        if fit_mask is not None:
-            r0, r1, c0, c1 = window
-            valid &= fit_mask[r0:r1, c0:c1]
-        return {name: ras.data[:, _block_mask(valid, source.ratios[name]) & ras.valid].astype(np.float64)
-                for name, ras in rasters.items()}
-
-    names = list(source.paths)
-    bounds = {}
-    if clip_percentile:
-        rng = np.random.default_rng(seed)
-        total = source.shape[0] * source.shape[1]
-        samples = {name: [] for name in names}
-        for window in windows:
-            for name, x in fit_pixels(window).items():
-                rate = min(1.0, MAX_PERCENTILE_SAMPLES / (total * source.ratios[name] ** 2))
-                samples[name].append(x[:, rng.random(x.shape[1]) < rate])
-        for name in names:
-            x = np.concatenate(samples[name], axis=1)
-            bounds[name] = (np.percentile(x, clip_percentile, axis=1), np.percentile(x, 100 - clip_percentile, axis=1))
-    moments: dict[str, _Moments] = {}
-    for window in windows:
-        for name, x in fit_pixels(window).items():
-            if name in bounds:
-                x = np.clip(x, bounds[name][0][:, None], bounds[name][1][:, None])
-            moments.setdefault(name, _Moments(x.shape[0], cross=name in pca)).add(x)
-    normalizers = {}
-    for name in names:
-        m = moments.get(name)
-        if m is None or m.n == 0:
-            raise RasterError(f"{source.paths[name]}: no valid pixel to fit normalisation statistics on")
-        bands = len(m.sum)
-        lo, hi = bounds.get(name, (np.full(bands, -np.inf), np.full(bands, np.inf)))
-        stats = _stats_from_moments(m, modes[name], lo, hi)
-        offset, scale = stats.offset.astype(np.float64), stats.scale.astype(np.float64)
-        mean = (m.mean - offset) / scale
-        if name in pca:
-            cov = m.cov() / np.outer(scale, scale)
-            normalizers[name] = Normalizer(stats, np.zeros(pca[name], dtype=np.float32),
-                                           pca_from_moments(mean, cov, pca[name]))
-        else:
-            normalizers[name] = Normalizer(stats, mean.astype(np.float32))
-    return normalizers
-
-
 class WindowedPredictDataset(Dataset):
     """Prediction samples of the whole scene, read window by window (pixel or tile sampling).
 
     ``pixel``: windows are ``window`` x ``window`` blocks, their valid pixels the samples (row-major).
-    ``tile``: the whole scene's covering tiles (:func:`~rsfusion.datamodules.sampling.covering_tiles`), grouped
+    ``tile``: the whole scene's covering tiles (:func:`~rsfusion.datamodules.tiling.covering_tiles`), grouped
     by the block their origin falls in, so the tiles and owned pixels equal the in-memory ones.
     Samples carry global ``index`` / ``origin`` like the in-memory datasets. Indices must come in
     (mostly) increasing order, as prediction asks for them: one window is cached at a time.

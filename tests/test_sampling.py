@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DistributedSampler
 
 from rsfusion.datamodules import RasterDataModule
-from rsfusion.datamodules.io import read_raster
-from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset,
-                                  covering_tiles)
-from rsfusion.datamodules.scene import Scene, fit_band_stats
+from rsfusion.datamodules.io import Raster, read_raster
+from rsfusion.datamodules.sampling import IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset
+from rsfusion.datamodules.normalization import fit_normalizers, in_memory_reader, sampled
+from rsfusion.datamodules.scene import Scene
 from rsfusion.datamodules.splits import block_split, pixels_inside_patches
 from tests.conftest import write_tif
 
@@ -70,15 +72,6 @@ def test_ms_pan_patches_cover_the_same_ground(tmp_path):
                                   np.broadcast_to((rows * 1000 + cols)[:, None, None], (len(rows), 4, 4)))
 
 
-@pytest.mark.parametrize("shape,tile", [((70, 45), 32), ((20, 13), 32), ((64, 64), 32), ((33, 31), 8)])
-def test_covering_tiles_own_every_pixel_exactly_once(shape, tile):
-    origins, keep = covering_tiles(shape, tile)
-    count = np.zeros(shape, dtype=int)
-    for (y, x), (ky, kx) in zip(origins, keep):
-        count[y + ky:min(y + tile, shape[0]), x + kx:min(x + tile, shape[1])] += 1
-    assert (count == 1).all()
-
-
 def test_tile_evaluation_counts_each_test_pixel_once(tmp_path):
     rng = np.random.default_rng(2)
     shape = (45, 38)
@@ -93,17 +86,48 @@ def test_tile_evaluation_counts_each_test_pixel_once(tmp_path):
     assert np.array_equal(np.bincount(labels[labels >= 0]), np.bincount(test[test > 0] - 1))
 
 
+def _fit(pixels: np.ndarray, mode: str, clip=None, valid=None, seed=0, windows=None):
+    """fit_normalizers on one in-memory (bands, 1, n) modality."""
+    raster = Raster("x.tif", pixels[:, None, :], np.ones((1, pixels.shape[1]), bool) if valid is None else valid[None])
+    shape = (1, pixels.shape[1])
+    read = in_memory_reader({"x": raster}, raster.valid, {"x": 1})
+    return fit_normalizers(read, windows or [(0, 1, 0, shape[1])], shape, {"x": 1}, {"x": "x.tif"}, {"x": mode},
+                           clip, None, None, seed)["x"]
+
+
 def test_normalisation_uses_valid_pixels_and_survives_constant_bands():
     pixels = np.stack([np.arange(10.0), np.full(10, 7.0)])
-    stats = fit_band_stats(pixels, "zscore", None)
-    out = stats.apply(pixels[:, :, None])[:, :, 0]
+    out = _fit(pixels, "zscore").apply(pixels[:, None], np.ones((1, 10), bool))[:, 0]
     np.testing.assert_allclose(out[0].mean(), 0, atol=1e-6)
     np.testing.assert_allclose(out[0].std(), 1, atol=1e-5)
     np.testing.assert_array_equal(out[1], 0)  # constant band: no division by zero
-    minmax = fit_band_stats(pixels, "minmax", None).apply(pixels[:, :, None])[:, :, 0]
+    minmax = _fit(pixels, "minmax").apply(pixels[:, None], np.ones((1, 10), bool))[:, 0]
     np.testing.assert_allclose(minmax[0], np.arange(10) / 9, rtol=1e-6)
-    clipped = fit_band_stats(np.arange(101.0)[None], "minmax", 10).apply(np.array([[[0.0], [100.0]]]))
+    clipped = _fit(np.arange(101.0)[None], "minmax", 10).apply(np.array([[[0.0, 100.0]]]), np.ones((1, 2), bool))
     np.testing.assert_allclose(clipped.ravel(), [0, 1])
+    # invalid pixels neither count in the statistics nor keep their value: they get the mean (0 under zscore)
+    valid = np.arange(12) < 10
+    spiked = np.concatenate([pixels, [[1e6, 1e6], [1e6, 1e6]]], axis=1)
+    normalizer = _fit(spiked, "zscore", valid=valid)
+    np.testing.assert_allclose(normalizer.stats.offset, [4.5, 7.0])
+    np.testing.assert_allclose(normalizer.stats.scale, [np.arange(10.0).std(), 1.0], rtol=1e-6)
+    np.testing.assert_allclose(normalizer.apply(spiked[:, None], valid[None])[:, 0, 10:], 0, atol=1e-6)
+
+
+def test_clip_percentiles_of_a_large_scene_come_from_a_seeded_sample_of_fixed_pixels(monkeypatch):
+    monkeypatch.setattr("rsfusion.datamodules.normalization.MAX_PERCENTILE_SAMPLES", 500)
+    pixels = np.random.default_rng(0).normal(size=(1, 4000)) ** 3
+    cols = np.arange(4000)
+    chosen = sampled(np.zeros(4000, dtype=np.int64), cols, 4000, 500 / 4000, seed=3)
+    assert 400 < chosen.sum() < 600
+    assert not np.array_equal(chosen, sampled(np.zeros(4000, dtype=np.int64), cols, 4000, 500 / 4000, seed=4))
+    whole = _fit(pixels, "none", clip=5.0, seed=3)
+    windows = _fit(pixels, "none", clip=5.0, seed=3, windows=[(0, 1, c, min(c + 333, 4000)) for c in range(0, 4000, 333)])
+    want = np.percentile(pixels[0, chosen], [5, 95])  # the percentiles of exactly the sampled pixels
+    np.testing.assert_allclose([whole.stats.lo[0], whole.stats.hi[0]], want, rtol=1e-6)
+    np.testing.assert_array_equal(windows.stats.lo, whole.stats.lo)
+    np.testing.assert_array_equal(windows.stats.hi, whole.stats.hi)
+    assert whole.stats.lo[0] != np.float32(np.percentile(pixels, 5))  # a sample, not all the pixels
 
 
 def test_block_split_is_disjoint_stratified_and_guarded():
@@ -208,6 +232,37 @@ def test_ddp_ranks_split_one_draw_sequence_disjointly(sampler_class):
         assert rebuilt[len(whole):] == whole[:len(rebuilt) - len(whole)]  # padding wraps around
 
 
+@pytest.mark.parametrize("length,world", [(57, 4), (57, 3), (5, 8), (64, 4)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_samplers_size_their_rank_shares_like_torchs_distributed_sampler(length, world, drop_last):
+    torch_samplers = [DistributedSampler(range(length), world, rank, drop_last=drop_last) for rank in range(world)]
+    ours = [EpochShuffleSampler(length, seed=9, num_replicas=world, rank=rank, drop_last=drop_last)
+            for rank in range(world)]
+    balanced = ClassBalancedSampler(np.arange(length) % 3, seed=9, num_replicas=world, rank=world - 1,
+                                    drop_last=drop_last)
+    for mine, theirs in zip(ours + [balanced], torch_samplers + [torch_samplers[-1]]):
+        assert isinstance(mine, DistributedSampler) and mine.shuffle and mine.drop_last is drop_last
+        assert (len(mine), mine.num_samples, mine.total_size) == (len(theirs), theirs.num_samples, theirs.total_size)
+        assert len(list(mine)) == len(mine)
+    shares = [list(s) for s in ours]
+    taken = [i for share in shares for i in share]
+    if drop_last:  # no index twice, the tail of the permutation left out
+        assert len(set(taken)) == len(taken) == length - length % world
+    else:  # every index, the first ones again on the last ranks
+        assert set(taken) == set(range(length)) and len(taken) == -(-length // world) * world
+    with pytest.raises(ValueError, match="Invalid rank"):
+        EpochShuffleSampler(length, seed=9, num_replicas=world, rank=world)
+
+
+def test_sampler_order_is_the_seeded_permutation_of_its_epoch():
+    sampler = EpochShuffleSampler(50, seed=7)
+    assert (sampler.num_replicas, sampler.rank, sampler.seed, sampler.epoch) == (1, 0, 7, 0)
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        want = torch.randperm(50, generator=torch.Generator().manual_seed(7 * 1_000_003 + epoch)).tolist()
+        assert list(sampler) == want
+
+
 def test_tile_rarest_class_against_brute_force():
     rng = np.random.default_rng(4)
     h, w, tile = 21, 26, 8
@@ -250,3 +305,34 @@ def test_balanced_tile_sampling_through_the_datamodule(tmp_path):
     plain = RasterDataModule(**common)
     plain.setup("fit")
     assert type(plain.train_dataloader().sampler) is EpochShuffleSampler
+
+
+@pytest.mark.parametrize("extra,order_seed", [([], 3), (["--data.init_args.seed", "11"], 11)])
+def test_the_cli_run_orders_and_augments_training_batches_by_the_data_seed(tmp_path, monkeypatch, extra, order_seed):
+    """Default: the data seed is the run's seed_everything, the seed the order came from before (torch's
+    initial seed), so default runs keep their batches; an explicit data seed drives order and augmentation."""
+    from types import SimpleNamespace
+
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, "demo", dict(scene_height=24, scene_width=32, train_per_class=8, patch_size=5,
+                                                batch_size=8, augment={"flip": True}), dict(width=8))
+    monkeypatch.chdir(tmp_path)
+    cli = RSFusionCLI(**cli_kwargs(), args=["--config", str(config), "--seed_everything", "3", *extra], run=False)
+    assert torch.initial_seed() == 3
+    dm = cli.datamodule
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, EpochShuffleSampler) and sampler.seed == order_seed
+    n = len(dm.train_dataset)
+    sampler.set_epoch(1)
+    assert list(sampler) == torch.randperm(n, generator=torch.Generator().manual_seed(order_seed * 1_000_003 + 1)).tolist()
+
+    seeds = []
+    monkeypatch.setattr("rsfusion.datamodules.raster.batch_generator",
+                        lambda seed, *args: seeds.append(seed) or torch.Generator().manual_seed(0))
+    dm.trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=0,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=0)))
+    dm.on_after_batch_transfer(dm.train_dataset.__getitems__(list(range(4))), 0)
+    assert seeds == [order_seed]

@@ -7,7 +7,9 @@ import pytest
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.scene import load_scene
-from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset, fit_streaming, grid_windows
+from rsfusion.datamodules.tiling import grid_windows
+from rsfusion.datamodules.normalization import fit_normalizers
+from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset
 from tests.conftest import write_tif
 
 H, W = 23, 29
@@ -55,10 +57,14 @@ def test_a_window_equals_the_same_part_of_the_whole_padded_scene(scene_files, co
     dict(normalization="minmax_global"),
     dict(normalization="zscore", pca={"hsi": 3}),
     dict(normalization="zscore", train_only=True),
+    dict(normalization="zscore", clip_percentile=5.0, seed=7, max_samples=150),
 ])
-def test_streaming_statistics_equal_the_in_memory_fit(scene_files, options):
+def test_streaming_statistics_equal_the_in_memory_fit(scene_files, options, monkeypatch):
+    """One fit (rsfusion.datamodules.normalization.fit_normalizers) fed the whole scene or 7x7 windows."""
     options = dict(options)
     train_only = options.pop("train_only", False)
+    if "max_samples" in options:  # percentiles from a sample of ~150 of the 667 HSI pixels, the same pixels both ways
+        monkeypatch.setattr("rsfusion.datamodules.normalization.MAX_PERCENTILE_SAMPLES", options.pop("max_samples"))
     fit_mask = None
     if train_only:
         import rasterio
@@ -68,8 +74,9 @@ def test_streaming_statistics_equal_the_in_memory_fit(scene_files, options):
     paths = {"hsi": scene_files["hsi"], "pan": scene_files["pan"]}
     whole = load_scene(paths, pad=1, fit_mask=fit_mask, **options)
     modes = {name: options["normalization"] for name in paths}
-    streamed = fit_streaming(_source(scene_files), grid_windows((H, W), 7), modes, options.get("clip_percentile"),
-                             fit_mask, options.get("pca"))
+    source = _source(scene_files)
+    streamed = fit_normalizers(source.read, grid_windows((H, W), 7), (H, W), source.ratios, paths, modes,
+                               options.get("clip_percentile"), fit_mask, options.get("pca"), options.get("seed", 0))
     for name in paths:
         got, want = streamed[name].state(), whole.normalizers[name].state()
         assert got.keys() == want.keys()
