@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
+from torchmetrics.wrappers import ClasswiseWrapper
 
 from rsfusion.datamodules.checkpoint_inputs import check_modalities
 from rsfusion.datamodules.io import InputError
@@ -33,6 +34,12 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         "AA": MulticlassAccuracy(num_classes, average="macro", ignore_index=IGNORE_INDEX),
         "kappa": MulticlassCohenKappa(num_classes, ignore_index=IGNORE_INDEX),
     })
+
+
+def per_class_accuracy(class_names: list[str], prefix: str) -> ClasswiseWrapper:
+    """Recall of each class, computed as ``{prefix}acc_<class name>``, ignoring unlabelled pixels."""
+    accuracy = MulticlassAccuracy(len(class_names), average=None, ignore_index=IGNORE_INDEX)
+    return ClasswiseWrapper(accuracy, labels=list(class_names), prefix=f"{prefix}acc_")
 
 
 _warned = set()
@@ -108,9 +115,10 @@ class FusionClassifier(L.LightningModule):
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
-        self.val_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
         self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
-        self.test_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
+        self.val_per_class = per_class_accuracy(self.class_names, "val/")
+        self.test_per_class = per_class_accuracy(self.class_names, "test/")
+        # read (computed and reset) by the TestReport callback
         self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
 
     # ----------------------------------------------------------------- what subclasses may override
@@ -197,30 +205,27 @@ class FusionClassifier(L.LightningModule):
         logits = self.predict_logits(batch)
         self.log("val/loss", self.cross_entropy(logits, batch["label"]), batch_size=batch["label"].shape[0],
                  sync_dist=True)
-        preds = logits.argmax(1)
-        self.val_metrics.update(preds, batch["label"])
-        self.val_per_class.update(preds, batch["label"])
+        self.val_metrics.update(logits.argmax(1), batch["label"])
+        self.val_per_class.update(logits.argmax(1), batch["label"])
+        self.log_dict(self.val_metrics, prog_bar=True)  # Lightning computes, syncs and resets them
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
-        per_class = self.val_per_class.compute()
-        self.log_dict({f"val/acc_{name}": acc for name, acc in zip(self.class_names, per_class)}, sync_dist=True)
-        self.val_metrics.reset()
-        self.val_per_class.reset()
+        self._log_per_class(self.val_per_class)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         preds = self.predict_logits(batch).argmax(1)
-        self.test_metrics.update(preds, batch["label"])
-        self.test_per_class.update(preds, batch["label"])
-        self.test_confusion.update(preds, batch["label"])
+        for metric in (self.test_metrics, self.test_per_class, self.test_confusion):
+            metric.update(preds, batch["label"])
+        self.log_dict(self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
-        per_class = self.test_per_class.compute()
-        self.log_dict({f"test/acc_{name}": acc for name, acc in zip(self.class_names, per_class)}, sync_dist=True)
-        self.confusion_matrix = self.test_confusion.compute().cpu()
-        for metric in (self.test_metrics, self.test_per_class, self.test_confusion):
-            metric.reset()
+        self._log_per_class(self.test_per_class)
+
+    def _log_per_class(self, metric: ClasswiseWrapper) -> None:
+        # Lightning logs only metrics that compute one number (torchmetrics#2683): log the computed dict.
+        # compute() syncs the ranks' states, so every rank logs the same values.
+        self.log_dict(metric.compute(), sync_dist=True)
+        metric.reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Batch:
         """Classes (``pred``, 0..K-1), and class probabilities (``probs``, softmax of
