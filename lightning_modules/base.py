@@ -7,14 +7,11 @@ override :meth:`training_loss` (extra heads, auxiliary terms) and :meth:`paramet
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
@@ -40,22 +37,6 @@ def per_class_accuracy(class_names: list[str], prefix: str) -> ClasswiseWrapper:
     """Recall of each class, computed as ``{prefix}acc_<class name>``, ignoring unlabelled pixels."""
     accuracy = MulticlassAccuracy(len(class_names), average=None, ignore_index=IGNORE_INDEX)
     return ClasswiseWrapper(accuracy, labels=list(class_names), prefix=f"{prefix}acc_")
-
-
-_warned = set()
-
-
-def _restore_cuda_rng(cuda_states: list[torch.Tensor] | None) -> None:
-    """Restore the per-GPU RNG states of a checkpoint; warn once when the GPUs differ."""
-    if not cuda_states:
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == len(cuda_states):
-        torch.cuda.set_rng_state_all(cuda_states)
-    elif "cuda_rng" not in _warned:
-        _warned.add("cuda_rng")
-        rank_zero_warn(f"the checkpoint holds the RNG states of {len(cuda_states)} GPU(s), this process sees {count}: "
-                       "the GPU random stream (dropout, noise drawn on the GPU) restarts instead of continuing")
 
 
 class FusionClassifier(L.LightningModule):
@@ -156,17 +137,6 @@ class FusionClassifier(L.LightningModule):
             raise InputError(f"band counts differ: the data has {dict(data_channels)}, the model (checkpoint) "
                              f"expects {self.in_channels}")
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning does not store RNG states; with them a resumed run draws the same dropout masks.
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    # plain types only, so checkpoints load with weights_only=True
-                                    "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                              int(has_gauss), float(gauss))}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            # one uint8 tensor per visible GPU: dropout masks drawn on the GPU continue on resume
-            checkpoint["rng_states"]["cuda"] = [state.cpu() for state in torch.cuda.get_rng_state_all()]
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights are loaded: a data/checkpoint band mismatch is one clear line,
         # not a load_state_dict size error.
@@ -179,19 +149,6 @@ class FusionClassifier(L.LightningModule):
         if expected is not None and expected != self.num_classes:
             raise InputError(f"the checkpoint was trained with num_classes={expected!r}, the data gives "
                              f"{self.num_classes!r}")
-        states = checkpoint.get("rng_states")
-        if states is not None and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(states["torch"])
-            kind, keys, pos, has_gauss, gauss = states["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(states["python"])
-            _restore_cuda_rng(states.get("cuda"))
-
-    def on_fit_start(self) -> None:
-        leakage = getattr(getattr(self.trainer, "datamodule", None), "leakage", None)
-        if leakage is not None:
-            for logger in self.loggers:
-                logger.log_metrics({"data/test_pixels_in_train_patches": float(leakage)}, step=0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, terms = self.training_loss(batch)
@@ -234,9 +191,6 @@ class FusionClassifier(L.LightningModule):
         out = {"pred": logits.argmax(1)}
         if self.predict_probabilities:
             out["probs"] = logits.float().softmax(1)
-        for key in ("index", "origin", "owned"):
-            if key in batch:
-                out[key] = batch[key]
         return out
 
     def configure_optimizers(self):
