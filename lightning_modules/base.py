@@ -7,7 +7,7 @@ override :meth:`training_loss` (extra heads, auxiliary terms) and :meth:`paramet
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -47,8 +47,8 @@ class FusionClassifier(L.LightningModule):
         num_classes: number of classes K (linked from the DataModule).
         class_names: names of the K classes, for per-class metrics and maps (linked).
         patch_size: the DataModule's patch/tile size (linked; recorded in checkpoints).
-        dense: whether the DataModule samples tiles (linked); a model that cannot predict dense
-            tiles (or only can) refuses the other sampling with a clear error.
+        dense: whether the DataModule samples tiles (linked); a sampling not in the class's
+            ``samplings`` is refused with a one-line error.
         lr, weight_decay: optimiser settings; no decay on biases and normalisation weights.
         optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9).
         scheduler: ``cosine`` (per step, to 0 at the end of training, after ``warmup_steps``),
@@ -58,8 +58,9 @@ class FusionClassifier(L.LightningModule):
         class_weights: optional per-class loss weights (length K).
     """
 
-    dense_output: bool = False  # True for models that predict whole tiles (tile sampling)
-    flexible_output: bool = False  # True for models that can do either (set dense_output per instance)
+    # The DataModule samplings the model takes: "pixel" (a patch per labelled pixel -> (B, K) logits)
+    # and/or "tile" (whole tiles -> (B, K, H, W) logits). ``self.sampling`` is the one of this instance.
+    samplings: ClassVar[frozenset[str]] = frozenset({"pixel"})
     # True for networks with parameters that never reach the loss (DDP must then look for them each step)
     has_unused_parameters: bool = False
     predict_probabilities: bool = False  # predict_step also returns class probabilities (set by map writers)
@@ -86,9 +87,10 @@ class FusionClassifier(L.LightningModule):
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} entries for {num_classes} classes")
-        if dense is not None and dense != self.dense_output and not self.flexible_output:
-            want = "tile" if self.dense_output else "pixel"
-            raise InputError(f"{type(self).__name__} needs data.sampling={want!r}")
+        given = None if dense is None else ("tile" if dense else "pixel")
+        self.sampling = given if given in self.samplings else sorted(self.samplings)[0]
+        if given is not None:
+            self.check_sampling(given)
         self.in_channels = dict(in_channels)
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -123,15 +125,18 @@ class FusionClassifier(L.LightningModule):
                 (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def check_sampling(self, sampling: str, where: str = "") -> None:
+        """Refuse data sampled otherwise than this model (``self.sampling``) predicts."""
+        if sampling != self.sampling:
+            raise InputError(f"{type(self).__name__} needs data.sampling={self.sampling!r}{where}")
+
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
-        if getattr(dm, "dense", self.dense_output) != self.dense_output:
-            want = "tile" if self.dense_output else "pixel"
-            raise InputError(f"{type(self).__name__} needs data.sampling={want!r}, the DataModule uses "
-                             f"{getattr(dm, 'sampling', '?')!r}")
+        if getattr(dm, "sampling", None) is not None:
+            self.check_sampling(dm.sampling, f", the DataModule uses {dm.sampling!r}")
         data_channels = getattr(dm, "in_channels", None)
         if data_channels is not None and dict(data_channels) != self.in_channels:
             raise InputError(f"band counts differ: the data has {dict(data_channels)}, the model (checkpoint) "

@@ -39,7 +39,7 @@ class M3amba(FusionClassifier):
         ce_weights, supervised_weight, consistency_weight: the loss weights [ours].
     """
 
-    dense_output = True
+    samplings = frozenset({"tile"})
     # The authors' guidance SSM keeps dt/D parameters whose output is discarded: no gradient reaches them.
     has_unused_parameters = True
 
