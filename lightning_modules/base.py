@@ -6,7 +6,6 @@ override :meth:`training_loss` (extra heads, auxiliary terms) and :meth:`paramet
 """
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -210,17 +209,13 @@ class FusionClassifier(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9)
         if hp.scheduler == "none":
             return opt
+        schedulers = torch.optim.lr_scheduler
         if hp.scheduler == "step_decay":
-            gamma = hp.step_decay_gamma
-            factor = lambda step: gamma ** step  # noqa: E731
-        else:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            warmup = hp.warmup_steps
-
-            def factor(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / warmup
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                return 0.5 * (1 + math.cos(math.pi * progress))
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            schedule = schedulers.ExponentialLR(opt, gamma=hp.step_decay_gamma)
+        else:  # linear warm-up from lr / warmup_steps to lr, then cosine to 0 at the last step
+            total, warmup = max(1, int(self.trainer.estimated_stepping_batches)), hp.warmup_steps
+            schedule = schedulers.CosineAnnealingLR(opt, T_max=max(1, total - warmup))
+            if warmup > 0:
+                ramp = schedulers.LinearLR(opt, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+                schedule = schedulers.SequentialLR(opt, [ramp, schedule], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
