@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 
 import lightning as L
-import numpy as np
 import pytest
 import rasterio
 import torch
