@@ -100,9 +100,9 @@ def measure(name: str, args) -> dict:
     train_s = timed(train_step, args.batches)
     infer_s = timed(infer, args.batches)
     # throughput in pixels for dense models (a 32x32 tile is 1,024 pixels), samples otherwise
-    unit = args.batch_size * (32 * 32 if model.dense_output else 1)
+    unit = args.batch_size * (32 * 32 if model.sampling == "tile" else 1)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "train_per_s": unit / train_s, "infer_per_s": unit / infer_s, "dense": model.dense_output}
+           "train_per_s": unit / train_s, "infer_per_s": unit / infer_s, "dense": model.sampling == "tile"}
     if name == "bdgf":
         row["notes"] = bdgf_stages(args)
     if scene is not None and args.scene > 0:

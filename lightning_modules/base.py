@@ -6,18 +6,15 @@ override :meth:`training_loss` (extra heads, auxiliary terms) and :meth:`paramet
 """
 from __future__ import annotations
 
-import math
-import random
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
                                          MulticlassConfusionMatrix)
+from torchmetrics.wrappers import ClasswiseWrapper
 
 from rsfusion.datamodules.checkpoint_inputs import check_modalities
 from rsfusion.datamodules.io import InputError
@@ -35,20 +32,10 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     })
 
 
-_warned = set()
-
-
-def _restore_cuda_rng(cuda_states: list[torch.Tensor] | None) -> None:
-    """Restore the per-GPU RNG states of a checkpoint; warn once when the GPUs differ."""
-    if not cuda_states:
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == len(cuda_states):
-        torch.cuda.set_rng_state_all(cuda_states)
-    elif "cuda_rng" not in _warned:
-        _warned.add("cuda_rng")
-        rank_zero_warn(f"the checkpoint holds the RNG states of {len(cuda_states)} GPU(s), this process sees {count}: "
-                       "the GPU random stream (dropout, noise drawn on the GPU) restarts instead of continuing")
+def per_class_accuracy(class_names: list[str], prefix: str) -> ClasswiseWrapper:
+    """Recall of each class, computed as ``{prefix}acc_<class name>``, ignoring unlabelled pixels."""
+    accuracy = MulticlassAccuracy(len(class_names), average=None, ignore_index=IGNORE_INDEX)
+    return ClasswiseWrapper(accuracy, labels=list(class_names), prefix=f"{prefix}acc_")
 
 
 class FusionClassifier(L.LightningModule):
@@ -59,8 +46,8 @@ class FusionClassifier(L.LightningModule):
         num_classes: number of classes K (linked from the DataModule).
         class_names: names of the K classes, for per-class metrics and maps (linked).
         patch_size: the DataModule's patch/tile size (linked; recorded in checkpoints).
-        dense: whether the DataModule samples tiles (linked); a model that cannot predict dense
-            tiles (or only can) refuses the other sampling with a clear error.
+        dense: whether the DataModule samples tiles (linked); a sampling not in the class's
+            ``samplings`` is refused with a one-line error.
         lr, weight_decay: optimiser settings; no decay on biases and normalisation weights.
         optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9).
         scheduler: ``cosine`` (per step, to 0 at the end of training, after ``warmup_steps``),
@@ -70,8 +57,9 @@ class FusionClassifier(L.LightningModule):
         class_weights: optional per-class loss weights (length K).
     """
 
-    dense_output: bool = False  # True for models that predict whole tiles (tile sampling)
-    flexible_output: bool = False  # True for models that can do either (set dense_output per instance)
+    # The DataModule samplings the model takes: "pixel" (a patch per labelled pixel -> (B, K) logits)
+    # and/or "tile" (whole tiles -> (B, K, H, W) logits). ``self.sampling`` is the one of this instance.
+    samplings: ClassVar[frozenset[str]] = frozenset({"pixel"})
     # True for networks with parameters that never reach the loss (DDP must then look for them each step)
     has_unused_parameters: bool = False
     predict_probabilities: bool = False  # predict_step also returns class probabilities (set by map writers)
@@ -98,9 +86,10 @@ class FusionClassifier(L.LightningModule):
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} entries for {num_classes} classes")
-        if dense is not None and dense != self.dense_output and not self.flexible_output:
-            want = "tile" if self.dense_output else "pixel"
-            raise InputError(f"{type(self).__name__} needs data.sampling={want!r}")
+        given = None if dense is None else ("tile" if dense else "pixel")
+        self.sampling = given if given in self.samplings else sorted(self.samplings)[0]
+        if given is not None:
+            self.check_sampling(given)
         self.in_channels = dict(in_channels)
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -108,9 +97,10 @@ class FusionClassifier(L.LightningModule):
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
-        self.val_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
         self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
-        self.test_per_class = MulticlassAccuracy(num_classes, average=None, ignore_index=IGNORE_INDEX)
+        self.val_per_class = per_class_accuracy(self.class_names, "val/")
+        self.test_per_class = per_class_accuracy(self.class_names, "test/")
+        # read (computed and reset) by the TestReport callback
         self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
 
     # ----------------------------------------------------------------- what subclasses may override
@@ -134,30 +124,22 @@ class FusionClassifier(L.LightningModule):
                 (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def check_sampling(self, sampling: str, where: str = "") -> None:
+        """Refuse data sampled otherwise than this model (``self.sampling``) predicts."""
+        if sampling != self.sampling:
+            raise InputError(f"{type(self).__name__} needs data.sampling={self.sampling!r}{where}")
+
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
-        if getattr(dm, "dense", self.dense_output) != self.dense_output:
-            want = "tile" if self.dense_output else "pixel"
-            raise InputError(f"{type(self).__name__} needs data.sampling={want!r}, the DataModule uses "
-                             f"{getattr(dm, 'sampling', '?')!r}")
+        if getattr(dm, "sampling", None) is not None:
+            self.check_sampling(dm.sampling, f", the DataModule uses {dm.sampling!r}")
         data_channels = getattr(dm, "in_channels", None)
         if data_channels is not None and dict(data_channels) != self.in_channels:
             raise InputError(f"band counts differ: the data has {dict(data_channels)}, the model (checkpoint) "
                              f"expects {self.in_channels}")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning does not store RNG states; with them a resumed run draws the same dropout masks.
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    # plain types only, so checkpoints load with weights_only=True
-                                    "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                              int(has_gauss), float(gauss))}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            # one uint8 tensor per visible GPU: dropout masks drawn on the GPU continue on resume
-            checkpoint["rng_states"]["cuda"] = [state.cpu() for state in torch.cuda.get_rng_state_all()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights are loaded: a data/checkpoint band mismatch is one clear line,
@@ -171,19 +153,6 @@ class FusionClassifier(L.LightningModule):
         if expected is not None and expected != self.num_classes:
             raise InputError(f"the checkpoint was trained with num_classes={expected!r}, the data gives "
                              f"{self.num_classes!r}")
-        states = checkpoint.get("rng_states")
-        if states is not None and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(states["torch"])
-            kind, keys, pos, has_gauss, gauss = states["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(states["python"])
-            _restore_cuda_rng(states.get("cuda"))
-
-    def on_fit_start(self) -> None:
-        leakage = getattr(getattr(self.trainer, "datamodule", None), "leakage", None)
-        if leakage is not None:
-            for logger in self.loggers:
-                logger.log_metrics({"data/test_pixels_in_train_patches": float(leakage)}, step=0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, terms = self.training_loss(batch)
@@ -197,30 +166,27 @@ class FusionClassifier(L.LightningModule):
         logits = self.predict_logits(batch)
         self.log("val/loss", self.cross_entropy(logits, batch["label"]), batch_size=batch["label"].shape[0],
                  sync_dist=True)
-        preds = logits.argmax(1)
-        self.val_metrics.update(preds, batch["label"])
-        self.val_per_class.update(preds, batch["label"])
+        self.val_metrics.update(logits.argmax(1), batch["label"])
+        self.val_per_class.update(logits.argmax(1), batch["label"])
+        self.log_dict(self.val_metrics, prog_bar=True)  # Lightning computes, syncs and resets them
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
-        per_class = self.val_per_class.compute()
-        self.log_dict({f"val/acc_{name}": acc for name, acc in zip(self.class_names, per_class)}, sync_dist=True)
-        self.val_metrics.reset()
-        self.val_per_class.reset()
+        self._log_per_class(self.val_per_class)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         preds = self.predict_logits(batch).argmax(1)
-        self.test_metrics.update(preds, batch["label"])
-        self.test_per_class.update(preds, batch["label"])
-        self.test_confusion.update(preds, batch["label"])
+        for metric in (self.test_metrics, self.test_per_class, self.test_confusion):
+            metric.update(preds, batch["label"])
+        self.log_dict(self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
-        per_class = self.test_per_class.compute()
-        self.log_dict({f"test/acc_{name}": acc for name, acc in zip(self.class_names, per_class)}, sync_dist=True)
-        self.confusion_matrix = self.test_confusion.compute().cpu()
-        for metric in (self.test_metrics, self.test_per_class, self.test_confusion):
-            metric.reset()
+        self._log_per_class(self.test_per_class)
+
+    def _log_per_class(self, metric: ClasswiseWrapper) -> None:
+        # Lightning logs only metrics that compute one number (torchmetrics#2683): log the computed dict.
+        # compute() syncs the ranks' states, so every rank logs the same values.
+        self.log_dict(metric.compute(), sync_dist=True)
+        metric.reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Batch:
         """Classes (``pred``, 0..K-1), and class probabilities (``probs``, softmax of
@@ -229,9 +195,6 @@ class FusionClassifier(L.LightningModule):
         out = {"pred": logits.argmax(1)}
         if self.predict_probabilities:
             out["probs"] = logits.float().softmax(1)
-        for key in ("index", "origin", "owned"):
-            if key in batch:
-                out[key] = batch[key]
         return out
 
     def configure_optimizers(self):
@@ -246,17 +209,13 @@ class FusionClassifier(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9)
         if hp.scheduler == "none":
             return opt
+        schedulers = torch.optim.lr_scheduler
         if hp.scheduler == "step_decay":
-            gamma = hp.step_decay_gamma
-            factor = lambda step: gamma ** step  # noqa: E731
-        else:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            warmup = hp.warmup_steps
-
-            def factor(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / warmup
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                return 0.5 * (1 + math.cos(math.pi * progress))
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            schedule = schedulers.ExponentialLR(opt, gamma=hp.step_decay_gamma)
+        else:  # linear warm-up from lr / warmup_steps to lr, then cosine to 0 at the last step
+            total, warmup = max(1, int(self.trainer.estimated_stepping_batches)), hp.warmup_steps
+            schedule = schedulers.CosineAnnealingLR(opt, T_max=max(1, total - warmup))
+            if warmup > 0:
+                ramp = schedulers.LinearLR(opt, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+                schedule = schedulers.SequentialLR(opt, [ramp, schedule], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -20,7 +20,7 @@ class TwoBranchCNN(FusionClassifier):
         **kwargs: :class:`FusionClassifier` options (in_channels, num_classes, lr, ...).
     """
 
-    flexible_output = True
+    samplings = frozenset({"pixel", "tile"})
 
     def __init__(self, use_modalities: list[str] | None = None, width: int = 64, dense: bool = False,
                  dropout: float = 0.2, **kwargs):
@@ -30,7 +30,6 @@ class TwoBranchCNN(FusionClassifier):
         if unknown:
             raise ValueError(f"use_modalities: {unknown} not among the data's modalities {list(self.in_channels)}")
         self.used = used
-        self.dense_output = dense
         self.net = TwoBranchCNNNet({m: self.in_channels[m] for m in used}, self.num_classes, width, dense, dropout)
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -357,7 +357,7 @@ class BDGFPretrain(FusionClassifier):
         **kwargs: :class:`FusionClassifier` options (linked in_channels, num_classes, ...).
     """
 
-    flexible_output = True
+    samplings = frozenset({"pixel", "tile"})
 
     def __init__(self, ddpm: dict[str, Any] | None = None, tile: int = 32, tiles_per_epoch: int = 6400,
                  ema_decay: float = 0.999, dense: bool = False, lr: float = 1e-4, weight_decay: float = 0.0,
@@ -366,7 +366,6 @@ class BDGFPretrain(FusionClassifier):
         if self.hparams.label_smoothing or self.hparams.class_weights is not None:
             raise InputError("BDGFPretrain trains a DDPM without labels: label_smoothing and class_weights do not "
                              "apply (set them on BDGF, stage 3)")
-        self.dense_output = dense
         self.diffusion = BDGFDiffusion(self.in_channels, ddpm)
         factor = self.diffusion.denoiser.downsample_factor
         if tile < factor or tile % factor:

@@ -21,9 +21,10 @@ from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, read_checkp
 from rsfusion.datamodules.io import InputError, read_header
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.callbacks import default_callbacks
 from rsfusion.lightning_modules.inference import ensure_inference_precision
 from rsfusion.lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
-from rsfusion.lightning_modules.reporting import (LoggedSaveConfigCallback, TestReport, WandbOptions, has_wandb_credentials,
+from rsfusion.lightning_modules.reporting import (LoggedSaveConfigCallback, WandbOptions, has_wandb_credentials,
                                          make_wandb_logger)
 
 
@@ -132,8 +133,9 @@ class RSFusionCLI(LightningCLI):
         if trainer.loggers and not trainer.fast_dev_run and not any(
                 isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
             trainer.callbacks.append(LearningRateMonitor())
-        if not any(isinstance(cb, TestReport) for cb in trainer.callbacks):
-            trainer.callbacks.append(TestReport())
+        for callback in default_callbacks(map_writer=False):  # the map writer comes from the --map options
+            if not any(isinstance(cb, type(callback)) for cb in trainer.callbacks):
+                trainer.callbacks.append(callback)
         if not getattr(self.datamodule, "has_validation", True):
             keep_last_epoch(trainer)
         writers = [cb for cb in trainer.callbacks if isinstance(cb, ClassificationMapWriter)]

@@ -250,7 +250,7 @@ def metadata(model, program: ProbabilityModel, ratios: dict[str, int]) -> dict:
               for name in program.modalities}
     for name in program.extra_inputs:
         shapes[name] = [None, model.bank_channels, p, p]
-    out_shape = [None, model.num_classes] + ([p, p] if model.dense_output else [])
+    out_shape = [None, model.num_classes] + ([p, p] if model.sampling == "tile" else [])
     return {"model": type(model).__name__, "inputs": shapes, "input_order": program.inputs,
             "output": {"probabilities": out_shape}, "class_names": list(model.class_names),
             "patch_size": p, "ratios": ratios, "normalisation": "embedded (raw values in; mask raw nodata yourself)"}

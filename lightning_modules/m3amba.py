@@ -44,7 +44,7 @@ class M3amba(FusionClassifier):
             that runs), "torch", "triton" or "cuda"; one that cannot run here is refused.
     """
 
-    dense_output = True
+    samplings = frozenset({"tile"})
     # The authors' guidance SSM keeps dt/D parameters whose output is discarded: no gradient reaches them.
     has_unused_parameters = True
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from rsfusion.datamodules.io import GeoTiffWriter, InputError, atomic_path, read_preview
@@ -66,8 +66,12 @@ def confidence_bands(probs: np.ndarray, measures: Sequence[str]) -> np.ndarray:
     return out
 
 
-class ClassificationMapWriter(Callback):
+class ClassificationMapWriter(BasePredictionWriter):
     """Writes ``lightning predict`` outputs into one class map, on one process or several (DDP).
+
+    Each prediction batch carries where its samples lie: ``index`` (row, col of each pixel sample)
+    or ``origin`` + ``owned`` (tile corners and the pixels each tile owns); the model's
+    ``predict_step`` gives ``pred`` (classes 0..K-1) and, when the writer asks, ``probs``.
 
     Writes ``<output_dir>/<name>.tif`` (uint8/uint16 classes 1..K, 0 = no data, with the scene's CRS
     and transform, a colour table, the class names as GDAL category names in ``<name>.tif.aux.xml``,
@@ -98,6 +102,7 @@ class ClassificationMapWriter(Callback):
     def __init__(self, output_dir: str | None = None, name: str = "classification_map",
                  probabilities: ProbabilityFormat = "none",
                  confidence: ConfidenceMeasure | list[ConfidenceMeasure] | None = None, cog: bool = False):
+        super().__init__(write_interval="batch")
         if probabilities not in ("none", "float16", "uint8"):
             raise InputError(f"map probabilities must be float16, uint8 or none, got {probabilities!r}")
         measures = [confidence] if isinstance(confidence, str) else list(confidence or [])
@@ -143,19 +148,20 @@ class ClassificationMapWriter(Callback):
                                                                                          bar=False)
         self._batches_done, self._start = 0, time.perf_counter()
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
         self._batches_done += 1
         if self.progress is not None:
             self.progress(self._batches_done, int(sum(trainer.num_predict_batches)))
-        pred = outputs["pred"].cpu().numpy().astype(np.uint16) + 1
-        probs = outputs["probs"].float().cpu().numpy() if self.wants_probabilities else None
+        pred = prediction["pred"].cpu().numpy().astype(np.uint16) + 1
+        probs = prediction["probs"].float().cpu().numpy() if self.wants_probabilities else None
         self._samples += len(pred)
-        if "index" in outputs:
-            rows, cols = outputs["index"].cpu().numpy().T
+        if "index" in batch:
+            rows, cols = batch["index"].cpu().numpy().T
             self._write(rows, cols, pred, None if probs is None else probs.T)
             return
         h, w = self._part.shape
-        for i, ((y, x), owned) in enumerate(zip(outputs["origin"].cpu().numpy(), outputs["owned"].cpu().numpy())):
+        for i, ((y, x), owned) in enumerate(zip(batch["origin"].cpu().numpy(), batch["owned"].cpu().numpy())):
             ys, xs = np.nonzero(owned)
             gy, gx = ys + y, xs + x
             inside = (gy >= 0) & (gy < h) & (gx >= 0) & (gx < w)

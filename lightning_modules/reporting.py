@@ -189,17 +189,36 @@ def wandb_confusion_chart(matrix: np.ndarray, class_names: list[str], title: str
 
 
 class TestReport(Callback):
-    """At the end of ``test``: the confusion matrix as CSV + PNG (local) and as W&B plot, image and artefact."""
+    """At the end of ``test``: the confusion matrix as CSV + PNG (local) and as W&B plot, image and artefact.
+
+    The matrix is the model's ``test_confusion`` metric (a ``MulticlassConfusionMatrix`` its
+    ``test_step`` updates), computed over every process at the end of the test epoch.
+    """
+
+    matrix: np.ndarray | None = None
+
+    @staticmethod
+    def _metric(pl_module):
+        return getattr(pl_module, "test_confusion", None)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.matrix = None
+        if self._metric(pl_module) is not None:
+            self._metric(pl_module).reset()
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        metric = self._metric(pl_module)
+        if metric is not None and metric.update_called:
+            self.matrix = metric.compute().cpu().numpy().astype(np.int64)  # a collective under DDP
+            metric.reset()
 
     def on_test_end(self, trainer, pl_module) -> None:
-        matrix = getattr(pl_module, "confusion_matrix", None)
-        if matrix is None:
+        if self.matrix is None:
             return
         out = report_dir(trainer)  # a broadcast under DDP: every rank must ask, or later collectives pair wrongly
         if not trainer.is_global_zero:
             return
-        matrix = np.asarray(matrix, dtype=np.int64)
-        names = list(pl_module.class_names)
+        matrix, names = self.matrix, list(pl_module.class_names)
         csv_path, png_path = out / "confusion_matrix.csv", out / "confusion_matrix.png"
         write_confusion_csv(csv_path, matrix, names)
         render_confusion_png(png_path, matrix, names, title=f"{type(pl_module).__name__}: test confusion matrix")

@@ -1,13 +1,16 @@
-"""OA/AA/kappa of the base module against scikit-learn on fixed predictions."""
+"""OA/AA/kappa and per-class accuracy of the base module against scikit-learn and numpy."""
 from __future__ import annotations
 
+import csv
+
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, confusion_matrix, recall_score
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
 
-from rsfusion.lightning_modules.base import classification_metrics
-from rsfusion.lightning_modules import TwoBranchCNN
+from rsfusion.lightning_modules.base import FusionClassifier, classification_metrics
+from rsfusion.lightning_modules.reporting import TestReport
 
 
 def test_oa_aa_kappa_match_scikit_learn():
@@ -33,15 +36,52 @@ def test_unlabelled_pixels_are_ignored_in_dense_metrics():
     assert metrics.compute()["OA"].item() == pytest.approx((pred[keep] == target[keep]).mean(), abs=1e-6)
 
 
-def test_test_epoch_logs_per_class_accuracy_and_confusion():
-    model = TwoBranchCNN(in_channels={"a": 2}, num_classes=3, class_names=["x", "y", "z"])
-    target = torch.tensor([0, 0, 1, 1, 2, 2, 2])
-    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 2, 0, 2]), 3).float()
-    model.predict_logits = lambda batch: logits
-    logged = {}
-    model.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
-    model.test_step({"label": target}, 0)
-    model.on_test_epoch_end()
-    recall = recall_score(target, logits.argmax(1), average=None)
-    assert [logged[f"test/acc_{n}"] for n in "xyz"] == pytest.approx(list(recall))
-    np.testing.assert_array_equal(model.confusion_matrix.numpy(), confusion_matrix(target, logits.argmax(1)))
+class Oracle(FusionClassifier):
+    """Predicts the class each sample carries in ``batch["pred"]`` (the metrics see known predictions)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch):
+        return torch.nn.functional.one_hot(batch["pred"], self.num_classes).float() + self.bias
+
+
+def _loader(target: np.ndarray, pred: np.ndarray):
+    samples = [{"label": torch.tensor(t), "pred": torch.tensor(p)} for t, p in zip(target, pred)]
+    return torch.utils.data.DataLoader(samples, batch_size=7)
+
+
+def _numpy_metrics(target: np.ndarray, pred: np.ndarray, k: int) -> tuple[dict[str, float], np.ndarray]:
+    keep = target >= 0
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (target[keep], pred[keep]), 1)
+    recall = np.diag(confusion) / confusion.sum(1)
+    n = confusion.sum()
+    observed, expected = np.trace(confusion) / n, (confusion.sum(0) * confusion.sum(1)).sum() / n ** 2
+    return {"OA": observed, "AA": recall.mean(), "kappa": (observed - expected) / (1 - expected),
+            **{f"acc_{c}": r for c, r in zip(NAMES, recall)}}, confusion
+
+
+NAMES = ["water", "bare soil", "trees"]
+
+
+def test_logged_metric_names_and_values_match_numpy_and_reset_between_runs(tmp_path):
+    rng = np.random.default_rng(3)
+    model = Oracle(in_channels={"a": 1}, num_classes=3, class_names=NAMES)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[TestReport()])
+    for run in range(2):  # the second run's figures must not include the first run's samples
+        target = rng.integers(-1, 3, size=60)  # -1: unlabelled, ignored
+        pred = np.where(rng.random(60) < 0.6 + 0.2 * run, np.maximum(target, 0), rng.integers(0, 3, size=60))
+        expected, confusion = _numpy_metrics(target, pred, 3)
+        for stage, evaluate in (("val", trainer.validate), ("test", trainer.test)):
+            logged = evaluate(model, _loader(target, pred), verbose=False)[0]
+            names = {k for k in logged if k != "val/loss"}
+            assert names == {f"{stage}/{key}" for key in expected}
+            for key, value in expected.items():
+                assert logged[f"{stage}/{key}"] == pytest.approx(value, abs=1e-6), (run, stage, key)
+        with (tmp_path / "reports" / "confusion_matrix.csv").open() as handle:
+            rows = list(csv.reader(handle))
+        assert rows[0] == ["true \\ predicted", *NAMES]
+        np.testing.assert_array_equal(np.array([row[1:] for row in rows[1:]], dtype=np.int64), confusion)

@@ -77,14 +77,15 @@ def _tiny_fit(tmp_path, ckpt_path=None, max_steps=1):
     import lightning as L
 
     from rsfusion.datamodules import SyntheticDataModule
-    from rsfusion.lightning_modules import TwoBranchCNN
+    from rsfusion.lightning_modules import RNGStateCapture, TwoBranchCNN
 
     L.seed_everything(0)
     dm = SyntheticDataModule(root=str(tmp_path / "scene"), scene_height=24, scene_width=24, train_per_class=4,
                              patch_size=5, batch_size=8)
     model = TwoBranchCNN(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, width=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[RNGStateCapture()])
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return trainer
 
@@ -102,9 +103,9 @@ def test_checkpoints_store_and_restore_the_cuda_rng_states(tmp_path, monkeypatch
 
 
 def test_cuda_rng_states_for_other_gpus_warn_once_and_cpu_checkpoints_still_load(tmp_path, monkeypatch):
-    from rsfusion.lightning_modules import base
+    from rsfusion.lightning_modules import callbacks
 
-    monkeypatch.setattr(base, "_warned", set())
+    monkeypatch.setattr(callbacks, "_warned", set())
     _tiny_fit(tmp_path).save_checkpoint(tmp_path / "cpu.ckpt")  # this machine: no CUDA
     assert "cuda" not in torch.load(tmp_path / "cpu.ckpt", weights_only=True)["rng_states"]
     gpus = _FakeGPUs(monkeypatch, count=2)
