@@ -67,7 +67,7 @@ SYNTHETIC = ["--data.init_args.scene_height", "32", "--data.init_args.scene_widt
 
 
 def redirect_outputs(config: Path, out: Path) -> Path:
-    """The config with its logger, checkpoint and cache directories under ``out`` (the shipped configs
+    """The config with its run folders and cache directory under ``out`` (the shipped configs
     write to runs/<name>; this is the only change made to a config's file)."""
     data = yaml.safe_load(config.read_text())
     trainer = data["trainer"]
