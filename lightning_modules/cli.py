@@ -67,6 +67,9 @@ class RSFusionCLI(LightningCLI):
             self._subcommand_parsers["predict"].set_defaults(defaults)
             self.checkpoint_inputs = inputs
         super().parse_arguments(parser, args)
+        # before Lightning reads the checkpoint's hyper-parameters: `last`/`best` must be a file by then
+        subcommand = self.config.get("subcommand")
+        resolve_run(self.config[subcommand] if subcommand else self.config, subcommand)
         if inputs is not None:
             given = self.config["predict"]["data"].get("init_args") or {}
             same = {k: k in given and _plain(given[k]) == _plain(v) for k, v in inputs.data.items()}
@@ -102,7 +105,6 @@ class RSFusionCLI(LightningCLI):
         (``ddp_find_unused_parameters_true``)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         follow_run_seed(config)
-        resolve_run(config, self.subcommand)
         if self.checkpoint_inputs is not None and self.subcommand == "predict":
             self._checkpoint_modality_order(config["data"].get("init_args") or {})
         model_class = _import_class(config["model"]["class_path"])

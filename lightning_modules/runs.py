@@ -122,7 +122,7 @@ def resolve_run(config, subcommand: str | None) -> None:
             logger["init_args"] = type(logger)()
         init = logger["init_args"]
         if init.get("save_dir") is None:
-            init["save_dir"] = str(root)
+            init["save_dir"] = os.path.abspath(root)  # paths in messages and checkpoints survive a chdir
         if init.get("version") is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
             init["version"] = f"trial_{os.environ['WANDB_RUN_ID']}"
     ckpt = config.get("ckpt_path")

@@ -157,3 +157,20 @@ def test_runs_started_at_once_claim_distinct_versions(tmp_path):
         thread.join()
     assert sorted(versions) == list(range(8))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"version_{n}" for n in range(8)]
+
+
+def test_predict_ckpt_path_last_takes_the_model_of_the_newest_run(first_run):
+    """Without a config: model class, width and data options all come from the resolved ``last.ckpt``."""
+    from rsfusion.lightning_modules.cli import main
+
+    tmp, _ = first_run
+    scene = tmp / "scene" / "hsi_dsm-seed0"
+    main(["predict", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp / "d"),
+          "--trainer.enable_progress_bar", "false",
+          "--data", f"{{modalities: {{hsi: {scene / 'hsi.tif'}, dsm: {scene / 'dsm.tif'}}}}}"])
+    maps = sorted((tmp / "d").glob("version_*/predictions/classification_map.tif"))
+    assert len(maps) == 2  # the fit's own map and this one, in a folder of its own
+    import rasterio
+
+    with rasterio.open(maps[0]) as fitted, rasterio.open(maps[1]) as predicted:
+        assert (fitted.read(1) == predicted.read(1)).all()
