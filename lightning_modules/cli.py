@@ -234,7 +234,8 @@ def quiet_known_noise() -> None:
     """Silence the two messages every run printed that a user can do nothing about (narrowly, by text)."""
     # Lightning 2.6's own utilities/_pytree.py builds a torch LeafSpec (deprecated by torch): Lightning's
     # code, not ours; the filter matches that one message only.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropCloudTips) for f in log.filters):
