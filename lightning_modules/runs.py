@@ -137,10 +137,9 @@ def resolve_run(config, subcommand: str | None) -> None:
         else:
             rank_zero_info(f"--ckpt_path {ckpt}: {found}")
         config["ckpt_path"] = str(found) if found else None
-    ckpt = config.get("ckpt_path")
-    if subcommand == "fit" and ckpt and init is not None and init.get("version") is None:
-        folder = Path(ckpt).resolve().parent.parent
-        if Path(ckpt).resolve().parent.name == "checkpoints" and folder.parent == Path(init["save_dir"], init.get(
-                "name") or "").resolve():
-            init["version"] = version_of(folder.name)
-            rank_zero_info(f"Resuming in the run folder {folder}")
+    if subcommand == "fit" and config.get("ckpt_path") and init is not None and init.get("version") is None:
+        checkpoints = Path(config["ckpt_path"]).resolve().parent
+        if checkpoints.name == "checkpoints" and checkpoints.parent.parent == Path(init["save_dir"],
+                                                                                   init.get("name") or "").resolve():
+            init["version"] = version_of(checkpoints.parent.name)
+            rank_zero_info(f"Resuming in the run folder {checkpoints.parent}")
