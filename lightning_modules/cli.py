@@ -5,7 +5,9 @@ import contextlib
 import importlib
 import io
 import os
+import logging
 import sys
+import warnings
 from typing import Literal
 from argparse import ArgumentError
 from pathlib import Path
@@ -26,6 +28,7 @@ from rsfusion.lightning_modules.inference import ensure_inference_precision
 from rsfusion.lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
 from rsfusion.lightning_modules.reporting import (LoggedSaveConfigCallback, WandbOptions, has_wandb_credentials,
                                          make_wandb_logger)
+from rsfusion.lightning_modules.runs import RUN_CHECKPOINTS, RUN_LOGGER, checkpoint_of, resolve_run, run_folders
 
 
 class RSFusionCLI(LightningCLI):
@@ -54,6 +57,7 @@ class RSFusionCLI(LightningCLI):
                                  "scan in float32: faster on CPUs with bf16 units; test metrics stay float32")
         parser.add_class_arguments(WandbOptions, "wandb")
         parser.add_lightning_class_args(ClassificationMapWriter, "map")
+        parser.set_defaults({"trainer.logger": RUN_LOGGER, "trainer.callbacks": RUN_CHECKPOINTS})
 
     def parse_arguments(self, parser, args) -> None:
         """For ``predict --ckpt_path``, parse once more with the checkpoint's options as defaults."""
@@ -69,6 +73,9 @@ class RSFusionCLI(LightningCLI):
             self._subcommand_parsers["predict"].set_defaults(defaults)
             self.checkpoint_inputs = inputs
         super().parse_arguments(parser, args)
+        # before Lightning reads the checkpoint's hyper-parameters: `last`/`best` must be a file by then
+        subcommand = self.config.get("subcommand")
+        resolve_run(self.config[subcommand] if subcommand else self.config, subcommand)
         if inputs is not None:
             given = self.config["predict"]["data"].get("init_args") or {}
             same = {k: k in given and _plain(given[k]) == _plain(v) for k, v in inputs.data.items()}
@@ -93,6 +100,9 @@ class RSFusionCLI(LightningCLI):
         if peek.get("subcommand") != "predict":
             return None
         ckpt = peek["predict"].get("ckpt_path")
+        if ckpt in ("last", "best"):
+            folders = run_folders(peek["predict"]["trainer"].get("default_root_dir") or os.getcwd())
+            ckpt = checkpoint_of(folders[-1], ckpt) if folders else None
         return read_checkpoint_inputs(ckpt) if ckpt and Path(ckpt).is_file() else None
 
     def before_instantiate_classes(self) -> None:
@@ -186,20 +196,20 @@ def keep_last_epoch(trainer) -> None:
     for callback in dropped:
         trainer.callbacks.remove(callback)
     if not trainer.checkpoint_callbacks and any(isinstance(cb, ModelCheckpoint) for cb in dropped):
-        dirpath = next(cb.dirpath for cb in dropped if isinstance(cb, ModelCheckpoint))
+        dirpath = next(cb.dirpath for cb in dropped if isinstance(cb, ModelCheckpoint))  # None: the run folder
         trainer.callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", enable_version_counter=False))
     names = ", ".join(f"{type(cb).__name__}(monitor={cb.monitor!r})" for cb in dropped)
     rank_zero_info(f"No validation set (val_fraction 0, no val_labels): {names} removed; the run keeps its last epoch")
 
 
 def evaluation_checkpoint(trainer) -> str | None:
-    """The checkpoint the after-fit test and map use: ``"best"`` when the first checkpoint callback
+    """The checkpoint the after-fit test and map use: the best one when the first checkpoint callback
     selected one on its metric, else the most recent checkpoint (the last epoch), else None (the
-    in-memory weights)."""
+    in-memory weights). A path, not ``"best"``: Lightning warns about ``"best"`` with several callbacks."""
     first = trainer.checkpoint_callback
     if first is not None and first.monitor is not None and first.best_model_path:
         rank_zero_info(f"Evaluating the best checkpoint ({first.monitor}): {first.best_model_path}")
-        return "best"
+        return first.best_model_path
     for callback in trainer.checkpoint_callbacks:
         path = callback.last_model_path or (callback.best_model_path if callback.monitor is None else "")
         if path:
@@ -222,8 +232,28 @@ def _import_class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+class _DropCloudTips(logging.Filter):
+    """Lightning 2.6 logs an advert for its cloud loggers/registry at every Trainer: not ours to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip: For seamless cloud")
+
+
+def quiet_known_noise() -> None:
+    """Silence the two messages every run printed that a user can do nothing about (narrowly, by text)."""
+    # Lightning 2.6's own utilities/_pytree.py builds a torch LeafSpec (deprecated by torch): Lightning's
+    # code, not ours; the filter matches that one message only.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropCloudTips) for f in log.filters):
+            log.addFilter(_DropCloudTips())
+
+
 def cli_kwargs() -> dict:
     """How the console scripts build the CLI (shared with ``rsfusion-compare`` and the sweep tests)."""
+    quiet_known_noise()
     os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
     if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
         # No credentials: any W&B logger (--wandb.enabled or one in a config) runs offline, never prompts.

@@ -4,7 +4,8 @@
         --seeds 0 1 2 --output runs/compare -- --trainer.max_epochs=10
 
 Each ``config`` (optionally ``label=config``) is trained once per seed exactly as ``rsfusion fit``
-would (same CLI, same callbacks), with its run directory moved to ``<output>/<label>/seed<k>``; the
+would (same CLI, same callbacks), with ``--trainer.default_root_dir <output>/<label>`` and the run folder
+``seed<k>`` (so every output of the run is in ``<output>/<label>/seed<k>``); the
 best checkpoint is tested and the full scene predicted. Arguments after ``--`` are CLI overrides
 applied to every run. A seed is the run's ``seed_everything`` (weights, batch order, dropout) and, unless
 a config sets ``data.init_args.seed``, the seed of its random data splits too (validation blocks, a
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 METRICS = ("OA", "AA", "kappa")
 
@@ -61,23 +61,11 @@ def parse_config_spec(spec: str) -> tuple[str, Path]:
     return label, Path(path)
 
 
-def run_config(config: dict, run_dir: Path, seed: int) -> Path:
-    """A copy of ``config`` whose logs, checkpoints and maps all go to ``run_dir``, seeded with ``seed``."""
-    config = dict(config, seed_everything=seed)
-    trainer = config.setdefault("trainer", {}) or {}
-    trainer["default_root_dir"] = str(run_dir)
-    loggers = trainer.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if isinstance(logger, dict):
-            logger.setdefault("init_args", {}).update(save_dir=str(run_dir), name="", version=0)
-    for callback in trainer.get("callbacks") or []:
-        if isinstance(callback, dict) and callback.get("class_path", "").endswith("ModelCheckpoint"):
-            callback.setdefault("init_args", {})["dirpath"] = str(run_dir / "checkpoints")
-    config["trainer"] = trainer
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "input_config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+def run_args(config_path: Path, output: Path, label: str, seed: int, overrides: list[str]) -> list[str]:
+    """The CLI arguments of one run: seeded with ``seed``, every output in ``<output>/<label>/seed<k>``
+    (the run folder ``seed<k>`` under the root ``<output>/<label>``: checkpoints, logs, maps, reports)."""
+    return ["--config", str(config_path), "--seed_everything", str(seed), "--trainer.default_root_dir",
+            str(output / label), "--trainer.logger.init_args.version", f"seed{seed}", *overrides]
 
 
 def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, overrides: list[str]) -> RunResult:
@@ -87,10 +75,8 @@ def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, o
 
     run_dir = output / label / f"seed{seed}"
     if run_dir.exists():
-        shutil.rmtree(run_dir)
-    config = yaml.safe_load(config_path.read_text())
-    args = ["--config", str(run_config(config, run_dir, seed)), *overrides]
-    cli = RSFusionCLI(**cli_kwargs(), args=args, run=False)
+        shutil.rmtree(run_dir)  # a new comparison replaces the old run of this config and seed
+    cli = RSFusionCLI(**cli_kwargs(), args=run_args(config_path, output, label, seed, overrides), run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)

@@ -7,6 +7,10 @@ does the same expansion with wandb's own helpers, so a sweep can be checked (and
 without a W&B server::
 
     python -m rsfusion.lightning_modules.sweeps configs/sweeps/das2f_synthetic.yaml --seed 3
+
+Each trial is an ordinary run of the base config: its outputs go to ``<default_root_dir>/trial_<W&B run
+id>`` (the agent sets ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``; see :mod:`rsfusion.lightning_modules.runs`),
+so trials and parallel agents never share a checkpoint folder and no config is rewritten.
 """
 from __future__ import annotations
 

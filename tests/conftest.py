@@ -45,7 +45,8 @@ def tiny_hsi_scene(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_config(tmp_path: Path, name: str, data: dict, model: dict, run: str = "runs", **trainer) -> Path:
-    """``configs/<name>.yaml`` shrunk for a test: data/model overrides, outputs under ``tmp_path/<run>``.
+    """``configs/<name>.yaml`` shrunk for a test: data/model overrides, outputs under ``tmp_path/<run>``
+    (the first run's folder is ``tmp_path/<run>/version_0``).
 
     The scene is generated under ``tmp_path/scene`` (shared by the runs of one test). The config is
     written to ``tmp_path/<name>.yaml``, or ``tmp_path/<run>.yaml`` for a named run.
@@ -57,9 +58,6 @@ def tiny_config(tmp_path: Path, name: str, data: dict, model: dict, run: str = "
     config["model"]["init_args"].update(model)
     runs = tmp_path / run
     config["trainer"].update(default_root_dir=str(runs), enable_progress_bar=False, **trainer)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(runs)
-    for callback in config["trainer"]["callbacks"]:
-        callback["init_args"]["dirpath"] = str(runs / "checkpoints")
     path = tmp_path / f"{name if run == 'runs' else run}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -259,7 +259,7 @@ def test_cli_trains_a_shipped_config_with_augmentation_and_balanced_sampling(tmp
     main(["fit", "--config", str(config), "--data.init_args.augment",
           "{flip: true, rotate: true, noise_std: {ms: 0.05}}", "--data.init_args.balanced_sampling", "true",
           "--trainer.max_steps", "3", "--test_after_fit", "false", "--map_after_fit", "false"])
-    ckpt = torch.load(tmp_path / "runs" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     hparams = ckpt["datamodule_hyper_parameters"]
     assert hparams["augment"] == {"flip": True, "rotate": True, "noise_std": {"ms": 0.05}}

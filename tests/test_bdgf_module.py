@@ -295,9 +295,6 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     config["trainer"].update(max_steps=-1, max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1,
                              default_root_dir=str(tmp_path),
                              enable_progress_bar=False, enable_model_summary=False)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    for callback in config["trainer"]["callbacks"]:
-        callback["init_args"]["dirpath"] = str(tmp_path / "version_0" / "checkpoints")
     path = tmp_path / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = RSFusionCLI(FusionClassifier, RasterDataModule, subclass_mode_model=True, subclass_mode_data=True,
@@ -350,9 +347,6 @@ def _tiny_synthetic_config(tmp_path: Path, cache: Path) -> Path:
                                        train_per_class=6, patch_size=PATCH, batch_size=16, pca={"hsi": 4})
     config["trainer"].update(max_epochs=1, limit_train_batches=2, default_root_dir=str(tmp_path / "runs"),
                              enable_progress_bar=False, enable_model_summary=False)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    for callback in config["trainer"]["callbacks"]:
-        callback["init_args"]["dirpath"] = str(tmp_path / "runs" / "version_0" / "checkpoints")
     path = tmp_path / "bdgf.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

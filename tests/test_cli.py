@@ -60,7 +60,7 @@ def test_fit_tests_and_writes_a_georeferenced_map_then_predict_from_checkpoint(t
     assert classes.min() >= 1 and classes.max() <= 6  # every valid pixel classified, 1..K
     assert (run / "predictions" / "classification_map.png").stat().st_size > 1000
 
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp_path / "runs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     from rsfusion.lightning_modules import TwoBranchCNN
 
     restored = TwoBranchCNN.load_from_checkpoint(ckpt)  # outside the CLI too

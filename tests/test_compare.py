@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rsfusion.lightning_modules.compare import mean_std, parse_config_spec, run_config
+from rsfusion.lightning_modules.compare import mean_std, parse_config_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
@@ -40,6 +40,10 @@ def test_compare_two_configs_over_two_seeds(tmp_path):
                           "--", "--trainer.max_epochs=2"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # the configs' default_root_dir (runs/demo) is not used
+    checkpoints = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.glob("*/*/checkpoints/*.ckpt"))
+    assert [c.rsplit("/", 1)[0] for c in checkpoints] == [f"{label}/seed{seed}/checkpoints" for label in
+                                                          ("HSI-only", "fusion") for seed in (0, 1) for _ in (0, 1)]
     # progress bar off: full-scene prediction reports progress and ETA in the log, and its throughput
     assert "full-scene prediction: 100 % (" in out.stdout + out.stderr
     assert "1,280 pixels predicted in" in out.stdout + out.stderr  # the whole 32 x 40 scene
@@ -58,15 +62,15 @@ def test_compare_two_configs_over_two_seeds(tmp_path):
         per_seed = {}
         for seed in (0, 1):
             run = out_dir / label / f"seed{seed}"
-            metrics = [r for r in csv.DictReader((run / "version_0" / "metrics.csv").open()) if r.get("test/OA")]
+            metrics = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("test/OA")]
             assert len(metrics) == 1
-            val_epochs = {int(r["epoch"]) for r in csv.DictReader((run / "version_0" / "metrics.csv").open())
+            val_epochs = {int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open())
                           if r.get("val/OA")}
             assert val_epochs == {0, 1}  # the override after -- reached every run (2 epochs, not 1)
             per_seed[seed] = {k.removeprefix("test/"): 100 * float(v) for k, v in metrics[0].items()
                               if k.startswith("test/") and v}
-            assert (run / "version_0" / "predictions" / "classification_map.tif").exists()
-            assert yaml.safe_load((run / "version_0" / "config.yaml").read_text())["seed_everything"] == seed
+            assert (run / "predictions" / "classification_map.tif").exists()
+            assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == seed
         for name in ["OA", "AA", "kappa", *(f"acc_{c}" for c in CLASSES)]:
             mean, std = mean_std([per_seed[0][name], per_seed[1][name]])
             assert float(row[f"{name}_mean"]) == pytest.approx(mean, abs=1e-4), name
@@ -88,14 +92,18 @@ def test_compare_two_configs_over_two_seeds(tmp_path):
     assert (out_dir / "maps.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_run_config_redirects_every_output_and_sets_the_seed(tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "m3amba_synthetic.yaml").read_text())
-    path = run_config(config, tmp_path / "run", seed=7)
-    written = yaml.safe_load(path.read_text())
-    assert written["seed_everything"] == 7 and written["trainer"]["default_root_dir"] == str(tmp_path / "run")
-    assert written["trainer"]["logger"]["init_args"] == {"save_dir": str(tmp_path / "run"), "name": "", "version": 0}
-    assert {cb["init_args"]["dirpath"] for cb in written["trainer"]["callbacks"]} == {str(tmp_path / "run" / "checkpoints")}
-    assert written["model"] == config["model"] and written["data"] == config["data"]
+def test_each_seed_runs_in_its_own_folder_under_the_output(tmp_path):
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.compare import run_args
+
+    config = _tiny(tmp_path, "fusion")
+    folders = set()
+    for seed in (7, 8):
+        cli = RSFusionCLI(**cli_kwargs(), args=run_args(config, tmp_path / "out", "CNN", seed, []), run=False)
+        assert cli.config["seed_everything"] == seed and cli.datamodule.hparams.seed == seed
+        assert cli.trainer.log_dir == str(tmp_path / "out" / "CNN" / f"seed{seed}")
+        folders.add(cli.trainer.log_dir)
+    assert len(folders) == 2
 
 
 def test_config_specs_and_statistics(tmp_path):

@@ -21,3 +21,20 @@ def test_config_parses(config, capsys):
     assert resolved["model"]["class_path"].split(".")[-1] == source["model"]["class_path"].split(".")[-1]
     assert resolved["data"]["class_path"].split(".")[-1] == source["data"]["class_path"].split(".")[-1]
     assert resolved["seed_everything"] == 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_configs_take_the_run_folder_defaults_of_the_cli(config, capsys):
+    """No config repeats the logger and checkpoints (BDGF's stage 1 keeps only ``last``: it has no val/OA)."""
+    source = yaml.safe_load(config.read_text())["trainer"]
+    assert "logger" not in source and "dirpath" not in config.read_text()
+    assert source["default_root_dir"] == f"runs/{config.stem.removesuffix('_template')}"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["logger"]["class_path"] == "rsfusion.lightning_modules.runs.RunLogger"
+    assert trainer["logger"]["init_args"]["save_dir"] is None  # = default_root_dir
+    checkpoints = [(cb["init_args"]["filename"], cb["init_args"]["monitor"]) for cb in trainer["callbacks"]]
+    stage_1 = source.get("callbacks") is not None
+    assert checkpoints == ([("last", None)] if stage_1 else [("best-{epoch:02d}", "val/OA"), ("last", None)])
+    assert all(cb["init_args"]["dirpath"] is None for cb in trainer["callbacks"])

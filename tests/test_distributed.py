@@ -42,7 +42,7 @@ def test_ddp_fit_tests_and_maps_like_one_process(tmp_path):
     assert ddp_map.shape == (32, 40) and ddp_map.min() >= 1  # every pixel once, merged from two ranks
 
     # The synchronised test metrics equal one process evaluating the same checkpoint (no repeated samples).
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp_path / "runs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     single = _lightning(["test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
     for key in ("test/OA", "test/AA", "test/kappa"):
         assert _test_line(fit.stdout, key) == _test_line(single.stdout, key)

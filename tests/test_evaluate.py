@@ -34,7 +34,7 @@ def test_agrees_exactly_with_lightning_test_on_the_map_lightning_predict_writes(
               if k.startswith("test/") and v}
     confusion = np.loadtxt(run / "reports" / "confusion_matrix.csv", delimiter=",", skiprows=1,
                            usecols=range(1, 7), dtype=np.int64)
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp_path / "runs").glob("version_*/checkpoints/best-*.ckpt"))
     main(["predict", "--config", str(config), "--ckpt_path", str(ckpt)])
     class_map = tmp_path / "runs" / "version_1" / "predictions" / "classification_map.tif"
     labels = tmp_path / "scene" / "hsi_dsm-seed0" / "test.tif"

@@ -67,15 +67,11 @@ SYNTHETIC = ["--data.init_args.scene_height", "32", "--data.init_args.scene_widt
 
 
 def redirect_outputs(config: Path, out: Path) -> Path:
-    """The config with its logger, checkpoint and cache directories under ``out`` (the shipped configs
+    """The config with its run folders and cache directory under ``out`` (the shipped configs
     write to runs/<name>; this is the only change made to a config's file)."""
     data = yaml.safe_load(config.read_text())
     trainer = data["trainer"]
     trainer["default_root_dir"] = str(out)
-    trainer["logger"]["init_args"]["save_dir"] = str(out)
-    for callback in trainer.get("callbacks") or []:
-        if "dirpath" in callback.get("init_args", {}):
-            callback["init_args"]["dirpath"] = str(out / "checkpoints")
     if "cache_dir" in data["model"].get("init_args", {}):
         data["model"]["init_args"]["cache_dir"] = str(out / "cache")
     path = out / config.name
@@ -117,7 +113,7 @@ def test_config_end_to_end(name, tmp_path, tmp_path_factory, capsys):
         losses = [float(r["train/loss"]) for r in metrics if r.get("train/loss")]
         assert len(losses) == 2 and all(np.isfinite(losses))
         assert [float(r["val/ddpm_loss"]) for r in metrics if r.get("val/ddpm_loss")]
-        assert (out / "checkpoints" / "last.ckpt").is_file()
+        assert (run / "checkpoints" / "last.ckpt").is_file()
         return
     for key in ("OA", "AA", "kappa"):
         values = [float(r[f"test/{key}"]) for r in metrics if r.get(f"test/{key}")]

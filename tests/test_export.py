@@ -72,7 +72,7 @@ def _checkpoint(tmp_path: Path, key: str) -> Path:
     config = tiny_config(tmp_path, name, data, model, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
                          enable_model_summary=False)
     main(["fit", "--config", str(config), "--test_after_fit", "false", "--map_after_fit", "false"])
-    return next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    return next((tmp_path / "runs").glob("version_*/checkpoints/best-*.ckpt"))
 
 
 def _raw_batch(model, checkpoint: dict, info: dict, batch: int = 3) -> tuple[dict, dict]:

@@ -74,7 +74,7 @@ def test_bf16_map_of_a_trained_model_is_within_tolerance_of_the_float32_map(tmp_
     config = tiny_config(tmp_path, "demo", dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5,
                                                 batch_size=32), dict(width=8), max_epochs=3)
     main(["fit", "--config", str(config), "--test_after_fit", "false"])  # float32 map of the best checkpoint
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp_path / "runs").glob("version_*/checkpoints/best-*.ckpt"))
     main(["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--inference_precision", "bf16"])
     maps = []
     for version in ("version_0", "version_1"):

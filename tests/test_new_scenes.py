@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     config = tiny_config(tmp, "demo", DATA, dict(width=8), max_epochs=2)
     main(["fit", "--config", str(config), "--test_after_fit", "false", "--map_after_fit", "false",
           "--trainer.enable_model_summary", "false"])
-    ckpt = next((tmp / "runs" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp / "runs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     scene_b = ensure_scene(tmp / "scene", "hsi_dsm", seed=1, height=36, width=44, train_per_class=12)
     return tmp, config, ckpt, scene_b
 
@@ -260,12 +260,12 @@ def test_the_shipped_predict_config_maps_the_readme_scene(trained, tmp_path, mon
 
     _, _, ckpt, _ = trained
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "demo" / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt, tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt")
+    (tmp_path / "runs" / "demo" / "version_0" / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt")
     scene = make_scene.main(["--seed", "1", "--height", "100", "--width", "140"])
     main(["predict", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "predict" / "new_scene.yaml"),
           "--trainer.enable_progress_bar", "false"])
-    maps = tmp_path / "runs" / "scene_b" / "maps"
+    maps = tmp_path / "runs" / "scene_b" / "version_0" / "predictions"
     with rasterio.open(maps / "classification_map.tif") as src, rasterio.open(scene["hsi"]) as hsi:
         assert src.shape == (100, 140) and src.transform == hsi.transform and src.crs == hsi.crs
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"

@@ -36,7 +36,7 @@ def _fit(config: Path, *extra: str, wait: bool = True):
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     _fit(_config(tmp_path, "straight"))
     resumed = _config(tmp_path, "resumed")
-    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "resumed" / "version_0" / "checkpoints" / "last.ckpt"
     proc = _fit(resumed, wait=False)
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -45,7 +45,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     proc.wait()
     interrupted_at = torch.load(last, weights_only=False)["epoch"]
     _fit(resumed, "--ckpt_path", "last")
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(last, weights_only=False)
     assert a["epoch"] == b["epoch"] == 3 and interrupted_at <= 3
     for key, value in a["state_dict"].items():

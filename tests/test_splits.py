@@ -244,7 +244,7 @@ def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epo
     monkeypatch.chdir(tmp_path)  # the shipped config writes under runs/baseline_augsburg
     train = _augsburg_copy(tmp_path / "augsburg")
     assert (train == 6).sum() == 7
-    runs = tmp_path / "runs" / "baseline_augsburg"
+    runs = tmp_path / "runs" / "baseline_augsburg" / "version_0"
     args = ["--config", str(CONFIGS / "baseline_augsburg.yaml"), "--data.init_args.root", str(tmp_path / "augsburg"),
             "--data.init_args.val_fraction", "0", "--data.init_args.batch_size", "16", "--model.init_args.width", "8",
             "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--map_after_fit", "false"]
@@ -274,7 +274,7 @@ def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epo
 @pytest.mark.slow
 def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(scene, tmp_path, capsys):
     from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs, main
-    from rsfusion.lightning_modules.compare import run_config
+    from rsfusion.lightning_modules.compare import run_args
 
     paths, labels = scene
     config = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
@@ -283,29 +283,30 @@ def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(
                                     "train_per_class": 8, "val_fraction": 0, "patch_size": 5, "batch_size": 16}}
     config["model"]["init_args"]["width"] = 8
     config["trainer"].update(max_epochs=1, enable_progress_bar=False, enable_model_summary=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
     maps = {}
-    for seed in (0, 1, 2):  # rsfusion-compare --seeds 0 1 2 writes one config per seed like this
-        path = run_config(config, tmp_path / f"seed{seed}", seed)
-        cli = RSFusionCLI(**cli_kwargs(), args=["--config", str(path)], run=False)
+    for seed in (0, 1, 2):  # rsfusion-compare --seeds 0 1 2 runs each seed like this
+        cli = RSFusionCLI(**cli_kwargs(), args=run_args(path, tmp_path, "cnn", seed, []), run=False)
         assert cli.datamodule.hparams.seed == seed
         maps[seed] = cli.datamodule.label_maps["train"]
         np.testing.assert_array_equal(maps[seed], sample_per_class(labels, 8, seed))
     assert (maps[0] != maps[1]).any() and (maps[1] != maps[2]).any()
-    fixed = RSFusionCLI(**cli_kwargs(), args=["--config", str(tmp_path / "seed2" / "input_config.yaml"),
-                                              "--data.init_args.seed", "0"], run=False)
+    fixed = RSFusionCLI(**cli_kwargs(), args=[*run_args(path, tmp_path, "cnn", 2, []), "--data.init_args.seed", "0"],
+                        run=False)
     np.testing.assert_array_equal(fixed.datamodule.label_maps["train"], maps[0])  # an explicit data seed wins
 
-    seed0 = str(tmp_path / "seed0" / "input_config.yaml")
-    main(["fit", "--config", seed0, "--map_after_fit", "false"])
-    last = tmp_path / "seed0" / "checkpoints" / "last.ckpt"
+    seed0 = run_args(path, tmp_path, "cnn", 0, [])
+    main(["fit", *seed0, "--map_after_fit", "false"])
+    last = tmp_path / "cnn" / "seed0" / "checkpoints" / "last.ckpt"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--config", seed0, "--seed_everything", "1", "--ckpt_path", str(last)])
+        main(["test", *seed0, "--seed_everything", "1", "--ckpt_path", str(last)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"error: .*labels\.tif: the checkpoint was trained on another split of these labels \(split "
                         r"seed 0, here 1\): .* pass --data\.init_args\.seed 0 .*", err), err
-    main(["test", "--config", seed0, "--seed_everything", "1", "--data.init_args.seed", "0", "--ckpt_path", str(last)])
+    main(["test", *seed0, "--seed_everything", "1", "--data.init_args.seed", "0", "--ckpt_path", str(last)])
     assert "test/OA" in capsys.readouterr().out
 
 
