@@ -19,7 +19,8 @@ from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import ensure_scene
 from rsfusion.lightning_modules import BDGF, BDGFPretrain
 from rsfusion.datamodules.feature_bank import array_digest, cache_key
-from rsfusion.lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, RandomSceneTiles, load_ddpm_payload, payload_digest,
+from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
+from rsfusion.lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, load_ddpm_payload, payload_digest,
                                     pretrain_ddpm, resolve_ddpm_config)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +364,11 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     config = _tiny_synthetic_config(tmp_path, cache)
     first = _run([_script(), "fit", "--config", str(config)], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "no cached DDPM" in first.stderr and "BDGF pretrain step 3/3" in first.stderr
+    assert "no cached DDPM" in first.stderr and "BDGF stage 1: 3 steps done on 1 process(es)" in first.stderr
+    # stage 1 was a Trainer run of its own, logged beside the classifier's run
+    stage1 = list(csv.DictReader((tmp_path / "runs" / "version_0" / "bdgf_pretrain" / "metrics.csv").open()))
+    assert {"train/loss", "train/p_mask/hsi", "train/p_mask/sar"} <= set(stage1[0])
+    assert max(int(r["step"]) for r in stage1) == 2  # steps 0, 1, 2 logged
     assert "feature bank (24, 16, 16) saved" in first.stderr
     assert "test/OA_mamba" in first.stdout and "test/kappa" in first.stdout
     assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
@@ -423,7 +428,7 @@ def test_configs_parse_without_their_data(name, capsys):
         assert all(not Path(p.split(".mat:")[0]).is_absolute() for p in data["modalities"].values())
     elif "synthetic" not in name:  # a release DataModule that finds the files under a relative root
         release = "Berlin" if "berlin" in name else "Augsburg"
-        assert printed["data"]["class_path"] == f"datamodules.{release}DataModule"
+        assert printed["data"]["class_path"] == f"rsfusion.datamodules.{release}DataModule"
         assert not Path(data["root"]).is_absolute() and data["use"] in (None, ["hsi", "sar"])
     if name in ("bdgf_augsburg", "bdgf_berlin"):
         assert data["patch_size"] == 11 and data["pca"] == {"hsi": 30}
