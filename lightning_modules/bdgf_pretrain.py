@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import pickle
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -352,9 +353,13 @@ def pretrain_ddpm(modalities: Mapping[str, np.ndarray | Tensor], config: Mapping
                             log_every_n_steps=max(1, steps // 50), enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                             limit_val_batches=0, **_same_processes(like))
+        start = time.perf_counter()
         trainer.fit(module, train_dataloaders=tiles)
     probs = ", ".join(f"{n} {p:.3f}" for n, p in module.diffusion.masking.probabilities.items())
-    rank_zero_info(f"BDGF stage 1: {steps} steps done on {trainer.world_size} process(es), p_mask [{probs}]")
+    timeout = getattr(trainer.strategy, "_timeout", None) if trainer.world_size > 1 else None
+    rank_zero_info(f"BDGF stage 1: {steps} steps done on {trainer.world_size} process(es) in "
+                   f"{time.perf_counter() - start:.1f} s" + (f" (process-group timeout {timeout})" if timeout else "")
+                   + f", p_mask [{probs}]")
     return module.diffusion.payload()
 
 
