@@ -27,6 +27,7 @@ no random flips/rot90 of the classifier's patches (the suite's DataModule has no
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,8 +42,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from rsfusion.datamodules.feature_bank import (array_digest, cache_key, external_bank_channels, load_bank,
-                                               read_external_bank, save_bank)
+from rsfusion.datamodules.feature_bank import (array_digest, bank_patches, cache_key, external_bank_channels,
+                                               load_bank, open_bank, read_external_bank, save_bank)
 from rsfusion.datamodules.io import InputError, atomic_path
 from rsfusion.datamodules.pretrain_tiles import unpadded_modalities
 from rsfusion.datamodules.sampling import IGNORE_INDEX
@@ -173,6 +174,8 @@ class BDGF(FusionClassifier):
         self._bank_key: str | None = None  # key of the bank added to the scene with id _bank_scene
         self._sources: dict[str, str] = {}  # where the last DDPM / bank came from ("cache" or "built")
         self._bank_scene: int | None = None
+        self._bank_path: str | None = None  # the cached bank file last used (saved in checkpoints)
+        self._windowed_bank: np.ndarray | None = None
         self._branch_logits: dict[str, Tensor] = {}
 
         blocks = self._bank_blocks(ddpm_checkpoint, feature_bank, feature_bank_split, ddpm)
@@ -319,9 +322,12 @@ class BDGF(FusionClassifier):
         super().on_save_checkpoint(checkpoint)
         if self._ddpm_payload is not None:
             checkpoint["bdgf_ddpm"] = self._ddpm_payload
+        if self._bank_path is not None:
+            checkpoint["bdgf_bank"] = self._bank_path
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self._bank_path = checkpoint.get("bdgf_bank", self._bank_path)
         payload = checkpoint.get("bdgf_ddpm")
         if payload is not None:
             if self._ddpm_payload is None or payload_digest(payload) != payload_digest(self._ddpm_payload):
@@ -341,9 +347,42 @@ class BDGF(FusionClassifier):
     def on_predict_start(self) -> None:
         dm = self.trainer.datamodule
         if dm is not None and dm.hparams.get("predict_window"):
-            raise InputError("BDGF: predict_window is not supported (its diffusion feature bank is built over the "
-                             "whole scene in memory); unset data.predict_window for BDGF")
+            self._windowed_bank = self._bank_for_windows(dm)
+            return
+        self._windowed_bank = None
         self.prepare_feature_bank()
+
+    def _bank_for_windows(self, dm) -> np.ndarray | None:
+        """The memory-mapped bank of a ``predict_window`` run: ``feature_bank``, else the cached bank
+        this checkpoint's DDPM made for the scene (its provenance ``.json`` names the DDPM)."""
+        if not self.guide_slices:
+            return None
+        h, w = dm.shape
+        if self.hparams.feature_bank is not None:
+            return open_bank(self.hparams.feature_bank, h, w)
+        path = Path(self._bank_path) if self._bank_path else None
+        if path is None or not path.is_file() or self._ddpm_payload is None:
+            raise InputError(f"BDGF: predict_window reads the feature bank window by window, but "
+                             f"{path or 'the checkpoint'} names no cached bank: predict once without "
+                             "data.predict_window (builds it) or give model.feature_bank")
+        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+        if meta.get("ddpm") != payload_digest(self._ddpm_payload):
+            raise InputError(f"{path}: this feature bank was not made by the checkpoint's DDPM")
+        bank = open_bank(path, h, w)
+        if bank.shape[0] != self.bank_channels:
+            raise InputError(f"{path}: {bank.shape[0]} channels, the model expects {self.bank_channels}")
+        rank_zero_info(f"BDGF: reading the feature bank {path} window by window (memory-mapped)")
+        return bank
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """``predict_window``: the bank's patches of the batch's pixels, cut from the memory-mapped file."""
+        bank = getattr(self, "_windowed_bank", None)
+        if bank is not None and "index" in batch and FEATURE_KEY not in batch:
+            index = batch["index"].numpy()
+            pad_mode = self.trainer.datamodule.hparams.get("pad_mode", "reflect")
+            batch[FEATURE_KEY] = torch.from_numpy(bank_patches(bank, index[:, 0], index[:, 1], self.patch_size,
+                                                               pad_mode))
+        return batch
 
     def prepare_feature_bank(self, scene=None) -> None:
         """Add the guide features to ``scene`` (default: the DataModule's) as modality ``ddpm_features``.
@@ -393,10 +432,12 @@ class BDGF(FusionClassifier):
             if self._is_global_zero():
                 save_bank(path, cube, {"ddpm": payload_digest(payload), "data": data_hash, "shape": list(cube.shape),
                                        "levels": self.feature_levels, "timesteps": self.feature_timesteps,
+                                       "tile": hp.feature_tile, "overlap": hp.feature_overlap,
+                                       "seed": hp.feature_seed, "reduction": hp.timestep_reduction,
                                        "modalities": list(data)})
                 rank_zero_info(f"BDGF: feature bank {tuple(cube.shape)} saved to {path}")
         scene.add(FEATURE_KEY, cube)
-        self._bank_key, self._bank_scene = key, id(scene)
+        self._bank_key, self._bank_scene, self._bank_path = key, id(scene), str(path)
 
     def _extract_bank(self, payload: Mapping, data: Mapping[str, np.ndarray]) -> np.ndarray:
         hp = self.hparams

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import pytest
 import torch
 import yaml
@@ -386,6 +388,23 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     assert "pretrain" not in second.stderr.replace("(no pretraining)", "") and "extracting" not in second.stderr
     assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
     assert _test_oa(first.stdout) is not None and _test_oa(second.stdout) == _test_oa(first.stdout)  # same run
+
+    # predict_window: the bank is read window by window from the memory-mapped cached file (the checkpoint
+    # names it); the map equals the in-memory prediction's
+    whole = _run([_script(), "predict", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    windowed = _run([_script(), "predict", "--config", str(config), "--ckpt_path", str(ckpt),
+                     "--data.init_args.predict_window", "6"], tmp_path)
+    assert windowed.returncode == 0, windowed.stderr[-3000:]
+    assert "reading the feature bank" in windowed.stderr and "window by window" in windowed.stderr
+    maps = [rasterio.open(tmp_path / "runs" / f"version_{v}" / "predictions" / "classification_map.tif").read(1)
+            for v in (2, 3)]
+    assert maps[0].shape == (16, 16) and maps[0].min() >= 1 and len(np.unique(maps[0])) > 1
+    np.testing.assert_array_equal(maps[1], maps[0])
+    bank = next((cache / "banks").glob("*.npy"))
+    provenance = json.loads(bank.with_suffix(".json").read_text())
+    assert provenance["ddpm"] == payload_digest(load_ddpm_payload(ckpt)) and len(provenance["data"]) == 64
+    assert (provenance["tile"], provenance["overlap"], provenance["timesteps"]) == (8, 4, [5])
 
     # test from the checkpoint with the cache deleted: the DDPM comes from the checkpoint (no
     # pretraining), only the bank is rebuilt, and the metrics are those of the fit's own test
