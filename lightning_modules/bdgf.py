@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -49,13 +48,12 @@ from rsfusion.datamodules.pretrain_tiles import unpadded_modalities
 from rsfusion.datamodules.sampling import IGNORE_INDEX
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.bdgf_pretrain import (_DENOISER_KEYS, PAYLOAD_FORMAT, STAGE1_OBJECTIVE_VERSION,
-                                                      BDGFDiffusion, BDGFPretrain, denoiser_from_payload,
-                                                      load_ddpm_payload, payload_digest, pretrain_ddpm,
+                                                      BDGFDiffusion, BDGFPretrain, load_ddpm_payload, payload_digest, pretrain_ddpm,
                                                       resolve_ddpm_config)
 from rsfusion.lightning_modules.networks.bdgf import (BRANCHES, DEFAULT_GUIDE_LEVELS, BDGFNet, BDGFOutput, bdgf_loss,
                                                       warmup_weight)
-from rsfusion.lightning_modules.networks.bdgf_diffusion import (MultimodalDenoiserUNet, extract_feature_cube,
-                                                                feature_cube_channels)
+from rsfusion.lightning_modules.bdgf_features import build_feature_bank, feature_cube_channels
+from rsfusion.lightning_modules.networks.bdgf_diffusion import MultimodalDenoiserUNet
 
 __all__ = ["BDGF", "BDGFPretrain", "BDGFDiffusion", "FEATURE_KEY", "pretrain_ddpm", "load_ddpm_payload",
            "payload_digest", "resolve_ddpm_config", "default_cache_dir"]
@@ -441,25 +439,9 @@ class BDGF(FusionClassifier):
 
     def _extract_bank(self, payload: Mapping, data: Mapping[str, np.ndarray]) -> np.ndarray:
         hp = self.hparams
-        denoiser, schedule = denoiser_from_payload(payload)
-        denoiser, schedule = denoiser.to(self.device), schedule.to(self.device)
-        rank_zero_info(f"BDGF: extracting diffusion features (levels {self.feature_levels}, timesteps "
-                       f"{self.feature_timesteps}) over the {data[next(iter(data))].shape[1:]} scene")
-        start = time.perf_counter()
-        marks = set()
-
-        def progress(done: int, total: int) -> None:
-            quarter = 4 * done // total
-            if quarter not in marks and quarter > 0:
-                marks.add(quarter)
-                rank_zero_info(f"BDGF: feature tiles {done}/{total} ({time.perf_counter() - start:.1f} s)")
-
-        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in data.items()}
-        cube = extract_feature_cube(denoiser, schedule, tensors,
-                                    timesteps=self.feature_timesteps, levels=self.feature_levels, tile=hp.feature_tile,
-                                    overlap=hp.feature_overlap, batch_size=hp.feature_batch_size, seed=hp.feature_seed,
-                                    timestep_reduction=hp.timestep_reduction, progress=progress)
-        return cube.numpy().astype(np.float16)
+        return build_feature_bank(payload, data, timesteps=self.feature_timesteps, levels=self.feature_levels,
+                                  tile=hp.feature_tile, overlap=hp.feature_overlap, batch_size=hp.feature_batch_size,
+                                  seed=hp.feature_seed, timestep_reduction=hp.timestep_reduction, device=self.device)
 
     def _obtain_ddpm(self, data: Mapping[str, np.ndarray], data_hash: str) -> dict:
         if self._ddpm_payload is not None:

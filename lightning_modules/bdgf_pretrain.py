@@ -16,7 +16,7 @@ import json
 import math
 import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -31,10 +32,10 @@ from torch.utils.data import DataLoader
 from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
-from rsfusion.lightning_modules.networks.bdgf_diffusion import (MASKED_TARGETS, DiffusionSchedule, ModalityMaskingController,
-                                                       MultimodalDenoiserUNet, ddpm_training_loss, draw_channel_mask)
+from rsfusion.lightning_modules.networks.bdgf_diffusion import (MASKED_TARGETS, DiffusionSchedule, MultimodalDenoiserUNet,
+                                                                _check_choice, ddpm_training_loss, draw_channel_mask)
 
-__all__ = ["BDGFDiffusion", "BDGFPretrain", "DDPM_DEFAULTS", "STAGE1_OBJECTIVE_VERSION", "denoiser_from_payload",
+__all__ = ["BDGFDiffusion", "BDGFPretrain", "ModalityMaskingController", "DDPM_DEFAULTS", "STAGE1_OBJECTIVE_VERSION", "denoiser_from_payload",
            "load_ddpm_payload", "payload_digest", "pretrain_ddpm", "resolve_ddpm_config"]
 
 PAYLOAD_FORMAT = "rsfusion-bdgf-ddpm-v2"
@@ -81,6 +82,143 @@ def resolve_ddpm_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Stage 1 core, shared by the Lightning module and the in-process loop
 # ----------------------------------------------------------------------------------------------
+MASK_MODES = ("none", "random_fixed", "adaptive")
+CRITERIA = ("loss_progress", "grad_norm")
+
+
+class ModalityMaskingController(nn.Module):
+    """Per-sample whole-modality masking with probabilities adapted to learning progress.
+
+    Each sample draws one outcome among {no mask, mask modality 1, ..., mask modality M} with
+    probabilities (1 - sum p, p_1, ..., p_M): at most one modality is hidden, so all modalities
+    are never masked at once [R]. Modes (spec section 4.3): ``"none"`` (p = 0), ``"random_fixed"``
+    (p = ``initial_probabilities`` forever) and ``"adaptive"`` [D]:
+
+    - ``step(losses)`` feeds each modality's *unmasked* loss (the stage-1 code feeds the epsilon MSE
+      over the samples where the modality is visible: the same quantity under every
+      ``masked_target``, never mixed with the masked samples' x0 loss, whose share would follow the
+      masking probability itself); an EMA (``ema_momentum``) smooths it;
+    - every ``window`` steps, r_m = EMA_m(window start) / EMA_m(now) is modality m's relative
+      improvement and rho_m = r_m / mean_{j != m} r_j its imbalance ratio (> 1: m learns faster,
+      i.e. dominates);
+    - p_m <- clip(p_m + step_size * (rho_m - 1), p_min, p_max), so the faster modality is hidden
+      more often and the network must learn the slower one. Probabilities are rescaled if their
+      sum would exceed ``max_total``.
+
+    The spec writes the rule for two modalities with a half step for the auxiliary one; the
+    symmetric form above (ours) covers any number of modalities. With ``criterion="grad_norm"``
+    (OGM-GE-like alternative), ``step`` receives per-modality gradient norms (e.g.
+    ``MultimodalDenoiserUNet.stem_gradient_norms()``) and rho_m compares their EMAs directly.
+
+    State lives in buffers (saved with the LightningModule's checkpoint).
+    """
+
+    def __init__(self, modality_names: Sequence[str], mode: str = "adaptive",
+                 initial_probabilities: Sequence[float] | None = None, ema_momentum: float = 0.99,
+                 window: int = 200, step_size: float = 0.05, p_min: float = 0.05, p_max: float = 0.5,
+                 max_total: float = 0.9, criterion: str = "loss_progress"):
+        super().__init__()
+        _check_choice("mode", mode, MASK_MODES)
+        _check_choice("criterion", criterion, CRITERIA)
+        names = list(modality_names)
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"modality_names must be unique and non-empty, got {names}")
+        if mode != "none" and len(names) < 2:
+            raise ValueError("mode must be 'none' with a single modality (masking it would hide everything)")
+        if initial_probabilities is None:
+            initial_probabilities = [0.3] + [0.1] * (len(names) - 1)
+        probs = torch.tensor([float(p) for p in initial_probabilities], dtype=torch.float64)
+        if probs.numel() != len(names):
+            raise ValueError(f"initial_probabilities needs {len(names)} values, got {probs.numel()}")
+        if not 0.0 <= p_min <= p_max <= 1.0:
+            raise ValueError(f"need 0 <= p_min <= p_max <= 1, got p_min={p_min}, p_max={p_max}")
+        if not 0.0 < max_total <= 1.0 or (mode != "none" and float(probs.sum()) > max_total):
+            raise ValueError(f"initial_probabilities sum {float(probs.sum()):.3f} must be "
+                             f"<= max_total={max_total} <= 1")
+        if (probs < 0).any():
+            raise ValueError("initial_probabilities must be non-negative")
+        if not 0.0 <= ema_momentum < 1.0 or window < 1 or step_size < 0:
+            raise ValueError("need 0 <= ema_momentum < 1, window >= 1 and step_size >= 0")
+        self.modality_names = names
+        self.mode, self.criterion = mode, criterion
+        self.ema_momentum, self.window, self.step_size = ema_momentum, window, step_size
+        self.p_min, self.p_max, self.max_total = p_min, p_max, max_total
+        m = len(names)
+        self.register_buffer("probs", torch.zeros(m, dtype=torch.float64) if mode == "none" else probs)
+        self.register_buffer("ema", torch.full((m,), float("nan"), dtype=torch.float64))
+        self.register_buffer("window_start", torch.full((m,), float("nan"), dtype=torch.float64))
+        self.register_buffer("rho", torch.ones(m, dtype=torch.float64))
+        self.register_buffer("steps_in_window", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """Current masking probability of each modality, {name: p}."""
+        return {n: float(p) for n, p in zip(self.modality_names, self.probs)}
+
+    def log_state(self) -> dict[str, float]:
+        """Flat dict for loggers: p_mask/<m>, ema_loss/<m>, rho/<m>."""
+        out = {}
+        for i, n in enumerate(self.modality_names):
+            out[f"p_mask/{n}"] = float(self.probs[i])
+            out[f"ema_loss/{n}"] = float(self.ema[i])
+            out[f"rho/{n}"] = float(self.rho[i])
+        return out
+
+    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Draw per-sample modality masks, (batch_size, M) bool with at most one True per row."""
+        m = len(self.modality_names)
+        outcome_probs = torch.cat([(1 - self.probs.sum()).clamp(min=0).view(1), self.probs]).float()
+        outcome = torch.multinomial(outcome_probs.cpu(), batch_size, replacement=True, generator=generator)
+        mask = F.one_hot(outcome, m + 1)[:, 1:].bool()
+        return mask.to(device) if device is not None else mask
+
+    @torch.no_grad()
+    def step(self, values: Tensor | Mapping[str, float] | Sequence[float]) -> dict[str, float]:
+        """Feed one step's per-modality losses (or gradient norms); returns the probabilities.
+
+        NaN entries (modality masked in every sample of the batch) leave that EMA unchanged.
+        """
+        if isinstance(values, Mapping):
+            values = [float(values[n]) for n in self.modality_names]
+        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+        if v.numel() != len(self.modality_names):
+            raise ValueError(f"step expects {len(self.modality_names)} values, got {v.numel()}")
+        seen = ~torch.isnan(v)
+        first = torch.isnan(self.ema) & seen
+        blended = self.ema_momentum * self.ema + (1 - self.ema_momentum) * v
+        self.ema.copy_(torch.where(first, v, torch.where(seen, blended, self.ema)))
+        if torch.isnan(self.window_start).any():
+            # the window opens once every modality has been observed
+            if not torch.isnan(self.ema).any():
+                self.window_start.copy_(self.ema)
+                self.steps_in_window.zero_()
+            return self.probabilities
+        self.steps_in_window += 1
+        if int(self.steps_in_window) >= self.window:
+            self._update()
+        return self.probabilities
+
+    def _update(self) -> None:
+        eps = 1e-12
+        if self.criterion == "loss_progress":
+            speed = self.window_start.clamp(min=eps) / self.ema.clamp(min=eps)
+        else:
+            speed = self.ema.clamp(min=eps)
+        m = speed.numel()
+        others_mean = (speed.sum() - speed) / (m - 1) if m > 1 else speed
+        self.rho.copy_(speed / others_mean.clamp(min=eps))
+        if self.mode == "adaptive":
+            probs = (self.probs + self.step_size * (self.rho - 1)).clamp(self.p_min, self.p_max)
+            total = probs.sum()
+            if total > self.max_total:
+                probs = probs * (self.max_total / total)
+            self.probs.copy_(probs)
+        self.window_start.copy_(self.ema)
+        self.steps_in_window.zero_()
+        self.num_updates += 1
+
+
 def ema_with_warmup(decay: float):
     """``get_ema_multi_avg_fn`` whose decay warms up as min(decay, (1 + n) / (10 + n)) after n averages,
     so a short run's EMA is not dominated by the first weights."""
