@@ -341,9 +341,10 @@ def load_ddpm_payload(path: str | Path) -> dict[str, Any]:
 class BDGFPretrain(FusionClassifier):
     """BDGF stage 1: the multimodal DDPM with adaptive modality masking, on unlabelled scene tiles.
 
-    Labels are not used: in ``setup("fit")`` the DataModule's training set is replaced by
-    :class:`RandomSceneTiles` (random ``tile`` crops with flips/rot90 of the whole normalised
-    scene, ``tiles_per_epoch`` per epoch, batch size = the DataModule's). Validation reports the
+    Labels are not used: it trains on the DataModule's unlabelled tiles (``data.pretrain_tiles:
+    {tile: 32, per_epoch: 6400}``: random crops with flips/rot90 of the whole normalised scene,
+    :class:`~rsfusion.datamodules.pretrain_tiles.RandomSceneTiles`; the tile side a multiple of the
+    UNet's downsample factor). Validation reports the
     EMA denoiser's unmasked loss ``val/ddpm_loss`` on the validation patches (fixed noise). Logged
     every optimiser step: the masking probabilities ``train/p_mask/<modality>``, the controller's
     EMA losses and imbalance ratios (``train/ema_loss/<m>``, ``train/rho/<m>``), each modality's
@@ -354,8 +355,6 @@ class BDGFPretrain(FusionClassifier):
 
     Args:
         ddpm: overrides of :data:`DDPM_DEFAULTS` (architecture, schedule, masking).
-        tile: training tile side (32 [D]); a multiple of the UNet's downsample factor.
-        tiles_per_epoch: tiles per epoch (one epoch = tiles_per_epoch / batch_size steps).
         ema_decay: EMA of the weights (0.999 [D]).
         lr, weight_decay, scheduler: AdamW 1e-4, no decay, constant lr [D, spec 4.2]; gradient
             clipping (1.0 [D]) is the Trainer's ``gradient_clip_val``.
@@ -364,8 +363,7 @@ class BDGFPretrain(FusionClassifier):
 
     flexible_output = True
 
-    def __init__(self, ddpm: dict[str, Any] | None = None, tile: int = 32, tiles_per_epoch: int = 6400,
-                 ema_decay: float = 0.999, dense: bool = False, lr: float = 1e-4, weight_decay: float = 0.0,
+    def __init__(self, ddpm: dict[str, Any] | None = None, ema_decay: float = 0.999, dense: bool = False, lr: float = 1e-4, weight_decay: float = 0.0,
                  scheduler: Literal["cosine", "step_decay", "none"] = "none", **kwargs):
         super().__init__(dense=dense, lr=lr, weight_decay=weight_decay, scheduler=scheduler, **kwargs)
         if self.hparams.label_smoothing or self.hparams.class_weights is not None:
@@ -375,26 +373,26 @@ class BDGFPretrain(FusionClassifier):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.diffusion = BDGFDiffusion(self.in_channels, ddpm, ema_decay)
-        factor = self.diffusion.denoiser.downsample_factor
-        if tile < factor or tile % factor:
-            raise ValueError(f"tile ({tile}) must be a multiple of the denoiser's downsample factor {factor}")
-        self.tile, self.tiles_per_epoch = tile, tiles_per_epoch
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         return [{"params": list(self.diffusion.denoiser.parameters()), "weight_decay": weight_decay}]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self._trainer is None or getattr(self.trainer, "datamodule", None) is None:
-            return
-        dm = self.trainer.datamodule
-        scene = getattr(dm, "scene", None)
-        if scene is None:
-            raise InputError("BDGFPretrain needs a RasterDataModule (its scene) as datamodule")
-        if stage == "fit":
-            dm.train_dataset = RandomSceneTiles.of_scene(scene, list(self.in_channels), self.tile, self.tiles_per_epoch)
-            rank_zero_info(f"BDGFPretrain: training the DDPM on random {self.tile}x{self.tile} tiles of the whole "
-                           f"{scene.shape[0]}x{scene.shape[1]} scene ({self.tiles_per_epoch} tiles per epoch)")
+        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
+            self.check_tiles(self.trainer.datamodule.train_dataset)
+
+    def check_tiles(self, dataset) -> None:
+        """The training set must be unlabelled tiles whose side the UNet can halve at every level."""
+        if not isinstance(dataset, RandomSceneTiles):
+            raise InputError("BDGFPretrain trains on unlabelled scene tiles: set data.pretrain_tiles, e.g. "
+                             "{tile: 32, per_epoch: 6400}")
+        factor = self.diffusion.denoiser.downsample_factor
+        if dataset.tile < factor or dataset.tile % factor:
+            raise InputError(f"pretrain_tiles.tile ({dataset.tile}) must be a multiple of the denoiser's downsample "
+                             f"factor {factor}")
+        rank_zero_info(f"BDGFPretrain: training the DDPM on random {dataset.tile}x{dataset.tile} tiles of the whole "
+                       f"scene ({len(dataset)} tiles per epoch)")
 
     def forward(self, batch: Batch) -> Tensor:
         """Noise prediction of the training denoiser for clean tiles at a random timestep (B, C, H, W)."""
@@ -482,10 +480,11 @@ def pretrain_ddpm(modalities: Mapping[str, np.ndarray | Tensor], config: Mapping
     rank = like.global_rank if like is not None else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same initial weights on every rank
-        module = BDGFPretrain(ddpm=dict(config or {}), tile=tile, tiles_per_epoch=steps * batch_size,
-                              ema_decay=ema_decay, lr=lr, in_channels=channels, num_classes=2)
+        module = BDGFPretrain(ddpm=dict(config or {}), ema_decay=ema_decay, lr=lr, in_channels=channels, num_classes=2)
         torch.manual_seed(seed + rank)  # other tiles, timesteps, noise and masks on each rank
-        tiles = DataLoader(RandomSceneTiles(scene, tile, steps * batch_size), batch_size=batch_size)
+        tiles = RandomSceneTiles(scene, tile, steps * batch_size)
+        module.check_tiles(tiles)
+        tiles = DataLoader(tiles, batch_size=batch_size)
         logger = L.pytorch.loggers.CSVLogger(str(log_dir), name="", version="") if log_dir else False
         trainer = L.Trainer(max_steps=steps, max_epochs=-1, gradient_clip_val=grad_clip or None, logger=logger,
                             log_every_n_steps=max(1, steps // 50), enable_checkpointing=False,

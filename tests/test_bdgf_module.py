@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from rsfusion.datamodules.feature_bank import load_bank
+from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import ensure_scene
@@ -289,12 +290,12 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     from rsfusion.lightning_modules.cli import RSFusionCLI
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
-    config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
+    config["model"]["init_args"].update(ddpm=TINY_DDPM)
     config["data"]["class_path"] = "rsfusion.datamodules.RasterDataModule"  # the scene's own files, not a release layout
     config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
                                    "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
                                    "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4,
-                                   "allow_even_patch": True}
+                                   "allow_even_patch": True, "pretrain_tiles": {"tile": 8, "per_epoch": 24}}
     config["trainer"].update(max_steps=-1, max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1,
                              default_root_dir=str(tmp_path),
                              enable_progress_bar=False, enable_model_summary=False)
@@ -317,6 +318,7 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     ckpt = next(tmp_path.glob("version_0/checkpoints/*.ckpt"))
     payload = load_ddpm_payload(ckpt)
     assert payload["modality_channels"] == CHANNELS and payload["masking"]["hsi"] == pytest.approx(p_hsi[-1])
+    assert payload["ema_updates"] == 12  # the AveragedModel averaged once per optimiser step
     # the EMA weights of the checkpoint drive a BDGF
     model = tiny_bdgf(ddpm_checkpoint=str(ckpt), patch_size=8)
     assert model.bank_channels == 24
@@ -456,3 +458,29 @@ def test_configs_parse_without_their_data(name, capsys):
         assert len(data["class_names"] or classes) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
     if name.startswith("bdgf_pretrain"):
         assert printed["test_after_fit"] is False and printed["trainer"]["gradient_clip_val"] == 1.0
+
+
+def test_pretrain_needs_the_datamodules_unlabelled_tiles(make_dm):
+    import lightning as L
+
+    model = BDGFPretrain(ddpm=TINY_DDPM, in_channels=CHANNELS, num_classes=6)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(InputError, match=r"BDGFPretrain trains on unlabelled scene tiles: set data.pretrain_tiles"):
+        trainer.fit(model, datamodule=make_dm(patch_size=8, allow_even_patch=True))
+    with pytest.raises(InputError, match=r"pretrain_tiles.tile \(5\) must be a multiple of the denoiser's downsample "
+                                         r"factor 2"):
+        trainer.fit(model, datamodule=make_dm(patch_size=8, allow_even_patch=True,
+                                              pretrain_tiles={"tile": 5, "per_epoch": 4}))
+    with pytest.raises(InputError, match=r"pretrain_tiles: expected the keys tile and per_epoch, got \['size'\]"):
+        make_dm(pretrain_tiles={"size": 8})
+    dm = make_dm(patch_size=8, allow_even_patch=True, pretrain_tiles={"tile": 8, "per_epoch": 5})
+    tiles = dm.train_dataset
+    assert isinstance(tiles, RandomSceneTiles) and len(tiles) == 5
+    x0 = tiles[0]["x0"]
+    assert x0.shape == (8, 8, 8) and set(tiles[0]) == {"x0"}
+    # a tile is a crop of the stacked normalised scene, up to a flip/rot90
+    scene = torch.cat([torch.from_numpy(a) for a in unpadded(dm).values()])
+    crops = [scene[:, y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+    views = [torch.rot90(c, k, dims=(1, 2)) for c in crops for k in range(4)]
+    assert any(torch.equal(x0, v) or torch.equal(x0, v.flip(-1)) for v in views)
