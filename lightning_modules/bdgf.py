@@ -350,6 +350,11 @@ class BDGF(FusionClassifier):
         self._windowed_bank = None
         self.prepare_feature_bank()
 
+    @property
+    def feature_bank_path(self) -> str | None:
+        """The bank file the last prepared scene reads (the cached one or ``feature_bank``)."""
+        return self._bank_path or self.hparams.feature_bank
+
     def _bank_for_windows(self, dm) -> np.ndarray | None:
         """The memory-mapped bank of a ``predict_window`` run: ``feature_bank``, else the cached bank
         this checkpoint's DDPM made for the scene (its provenance ``.json`` names the DDPM)."""

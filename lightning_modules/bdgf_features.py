@@ -198,3 +198,31 @@ def build_feature_bank(payload: Mapping[str, Any], data: Mapping[str, np.ndarray
                                 overlap=overlap, batch_size=batch_size, seed=seed,
                                 timestep_reduction=timestep_reduction, progress=progress)
     return cube.numpy().astype(np.float16)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m rsfusion.lightning_modules.bdgf_features --config <bdgf config> [--model.init_args.ddpm_checkpoint
+    <ckpt>]``: stage 2 alone. Builds (or finds) the config's feature bank in the cache (pre-training the DDPM
+    first when neither a checkpoint nor a cached DDPM gives one) and prints the bank's path; its ``.json``
+    holds the provenance. A ``fit`` of the same config then reads it ("feature bank cache hit"), and
+    ``--model.init_args.feature_bank <path>`` gives it to any other run."""
+    import sys
+
+    from rsfusion.datamodules.io import InputError
+    from rsfusion.lightning_modules.bdgf import BDGF
+    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+
+    try:
+        cli = RSFusionCLI(**{**cli_kwargs(), "save_config_callback": None}, run=False, args=args)
+        if not isinstance(cli.model, BDGF):
+            raise InputError(f"bdgf_features: the config's model is {type(cli.model).__name__}, not BDGF")
+        cli.datamodule.load()
+        cli.model.prepare_feature_bank(cli.datamodule.scene)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(cli.model.feature_bank_path)
+
+
+if __name__ == "__main__":
+    main()

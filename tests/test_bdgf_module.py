@@ -384,6 +384,12 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     val_rows = [r for r in metrics if r.get("val/OA_cnn")]
     assert val_rows and all(0 <= float(val_rows[0][f"val/OA_{b}"]) <= 1 for b in ("cnn", "mamba", "transformer"))
 
+    # stage 2 as a command: for the same config it finds the bank the fit cached (same key), and prints it
+    stage2 = _run([sys.executable, "-m", "rsfusion.lightning_modules.bdgf_features", "--config", str(config)], tmp_path)
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    assert "DDPM cache hit" in stage2.stderr and "feature bank cache hit" in stage2.stderr
+    assert stage2.stdout.strip() == str(next((cache / "banks").glob("*.npy")))
+
     second = _run([_script(), "fit", "--config", str(config)], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "DDPM cache hit" in second.stderr and "feature bank cache hit" in second.stderr
