@@ -504,10 +504,11 @@ def _same_processes(like: L.Trainer | None) -> dict[str, Any]:
     """Trainer arguments that put a stage-1 Trainer on the processes and devices of the running ``like``."""
     if like is None:
         return {"accelerator": "cpu", "devices": 1}
-    args = {"accelerator": like.accelerator, "devices": like.num_devices, "num_nodes": like.num_nodes}
+    indices = [d.index for d in getattr(like.strategy, "parallel_devices", None) or [like.strategy.root_device]]
+    devices = indices if None not in indices else len(indices)  # the same GPUs, or as many CPU processes
+    args = {"accelerator": like.accelerator, "devices": devices, "num_nodes": like.num_nodes}
     if like.world_size == 1:
-        return {**args, "devices": [like.strategy.root_device.index] if like.strategy.root_device.index is not None
-                else 1}
+        return args
     from lightning.pytorch.strategies import DDPStrategy
 
     if not isinstance(like.strategy, DDPStrategy):
