@@ -475,7 +475,8 @@ class BDGF(FusionClassifier):
         rank_zero_info(f"BDGF: no cached DDPM for this scene and configuration; stage 1 is a Trainer run of "
                        f"{hp.pretrain_steps} steps on {processes} process(es) (batch {hp.pretrain_batch_size} "
                        f"per process, tiles {hp.pretrain_tile})")
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir) / "bdgf_pretrain" if trainer is not None else None
+        # logged beside the run's own log; a run without a logger logs nothing of stage 1 either
+        log_dir = Path(trainer.log_dir) / "bdgf_pretrain" if trainer is not None and trainer.loggers else None
         payload = pretrain_ddpm(data, config, steps=hp.pretrain_steps, batch_size=hp.pretrain_batch_size,
                                 lr=hp.pretrain_lr, tile=hp.pretrain_tile, ema_decay=hp.pretrain_ema_decay,
                                 grad_clip=hp.pretrain_grad_clip, seed=hp.pretrain_seed, like=trainer, log_dir=log_dir)
