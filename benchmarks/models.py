@@ -114,7 +114,7 @@ def measure(name: str, args) -> dict:
 def bdgf_stages(args) -> str:
     """Stage 1 (DDPM step) and 1b (feature bank) at the spec's sizes, for the notes column."""
     from rsfusion.lightning_modules.bdgf import BDGFDiffusion
-    from rsfusion.lightning_modules.networks.bdgf_diffusion import extract_feature_cube
+    from rsfusion.lightning_modules.bdgf_features import extract_feature_cube
 
     diffusion = BDGFDiffusion({"hsi": 30, "sar": 4})
     opt = torch.optim.AdamW(diffusion.denoiser.parameters(), lr=1e-4)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from rsfusion.lightning_modules.bdgf import BDGF, BDGFDiffusion
-from rsfusion.lightning_modules.networks.bdgf_diffusion import extract_feature_cube
+from rsfusion.lightning_modules.bdgf_features import extract_feature_cube
 
 CHANNELS = {"hsi": 30, "sar": 4}
 SCENES = {"Augsburg": (332, 485), "Berlin": (1723, 476)}

@@ -20,7 +20,8 @@ from rsfusion.datamodules.io import InputError, atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["array_digest", "cache_key", "external_bank_channels", "load_bank", "read_external_bank", "save_bank"]
+__all__ = ["array_digest", "bank_patches", "cache_key", "external_bank_channels", "load_bank", "open_bank",
+           "read_external_bank", "save_bank"]
 
 
 def array_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -103,3 +104,34 @@ def external_bank_channels(path: str | Path) -> int:
     if cube.ndim != 3:
         raise InputError(f"{path}: expected a (F, H, W) feature cube, got shape {cube.shape}")
     return int(cube.shape[0])
+
+
+def open_bank(path: str | Path, height: int, width: int) -> np.ndarray:
+    """A (F, H, W) ``.npy`` bank on the scene grid, memory-mapped (read window by window, never whole)."""
+    path = Path(path)
+    cube = _open_external(path)
+    if cube.ndim != 3 or cube.shape[1:] != (height, width):
+        raise InputError(f"{path}: expected a (F, {height}, {width}) feature cube on the scene grid, "
+                         f"got shape {cube.shape}")
+    return cube
+
+
+def bank_patches(bank: np.ndarray, rows: np.ndarray, cols: np.ndarray, patch_size: int,
+                 pad_mode: str = "reflect") -> np.ndarray:
+    """(B, F, p, p) float32 patches of a (F, H, W) bank around pixels (rows, cols), as the in-memory scene
+    cuts them (:class:`~rsfusion.datamodules.sampling.PixelPatchDataset`: the pixel at index (p-1)//2,
+    the scene edges padded by ``pad_mode``), reading only the block the pixels span."""
+    from rsfusion.datamodules.scene import pad_edges
+
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    _, h, w = bank.shape
+    before, after = (patch_size - 1) // 2, patch_size // 2
+    r0, r1 = int(rows.min()) - before, int(rows.max()) + after + 1
+    c0, c1 = int(cols.min()) - before, int(cols.max()) + after + 1
+    block = np.asarray(bank[:, max(0, r0):min(h, r1), max(0, c0):min(w, c1)], dtype=np.float32)
+    # beyond the scene edge the whole-scene bank would be padded: do the same on the clipped sides
+    block = pad_edges(block, (max(0, -r0), max(0, r1 - h), max(0, -c0), max(0, c1 - w)), pad_mode)
+    dy = np.arange(patch_size)
+    ys = (rows - before - r0)[:, None] + dy  # (B, p)
+    xs = (cols - before - c0)[:, None] + dy
+    return block[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3).copy()

@@ -119,6 +119,9 @@ class RasterDataModule(L.LightningDataModule):
         class_map: a full label map on the scene grid; train/test/val labels given as N x 2 arrays of
             (row, col) coordinates (e.g. ``berlin_index.mat:berlin_train``) take their classes from it.
         coordinate_base: index of the first row/column in such lists: 0 (NumPy, default) or 1 (MATLAB).
+        pretrain_tiles: ``{tile: T, per_epoch: N}`` trains on N random unlabelled T x T tiles of the whole
+            scene per epoch (flips, rot90; :mod:`rsfusion.datamodules.pretrain_tiles`) instead of labelled
+            samples: BDGF's DDPM (``BDGFPretrain``). Validation and test keep their labelled samples.
 
     Maps are written on the reference grid with its georeferencing; when the reference is an array
     without one (``.mat``, ``.npy``), the transform (and CRS, if any) of the first georeferenced input
@@ -172,6 +175,7 @@ class RasterDataModule(L.LightningDataModule):
         balanced_sampling: bool = False,
         class_map: str | None = None,
         coordinate_base: int = 0,
+        pretrain_tiles: dict[str, int] | None = None,
     ):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
@@ -415,7 +419,7 @@ class RasterDataModule(L.LightningDataModule):
             return  # read when prediction starts, after the checkpoint's normalisation is restored
         self.load()
         if stage in (None, "fit"):
-            self.train_dataset = self._dataset("train")
+            self.train_dataset = self._unlabelled_tiles() if self.hparams.pretrain_tiles else self._dataset("train")
             self.val_dataset = self._dataset("val") if self.has_validation else None
             self.leakage = pixels_inside_patches(self.label_maps["train"], self.label_maps["test"], self.patch_size)
             total = int((self.label_maps["test"] > 0).sum())
@@ -430,6 +434,15 @@ class RasterDataModule(L.LightningDataModule):
             self.test_dataset = self._dataset("test")
         if stage in (None, "predict"):
             self.predict_dataset = self._predict_dataset()
+
+    def _unlabelled_tiles(self):
+        from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
+
+        options = dict(self.hparams.pretrain_tiles)
+        if set(options) != {"tile", "per_epoch"}:
+            raise InputError(f"pretrain_tiles: expected the keys tile and per_epoch, got {sorted(options)}")
+        return RandomSceneTiles.of_scene(self.scene, list(self.in_channels), int(options["tile"]),
+                                         int(options["per_epoch"]))
 
     def _dataset(self, split: str):
         if self.sampling == "pixel":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -9,17 +10,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import pytest
 import torch
 import yaml
 
 from rsfusion.datamodules.feature_bank import load_bank
+from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import ensure_scene
 from rsfusion.lightning_modules import BDGF, BDGFPretrain
 from rsfusion.datamodules.feature_bank import array_digest, cache_key
-from rsfusion.lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, RandomSceneTiles, load_ddpm_payload, payload_digest,
+from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
+from rsfusion.lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, load_ddpm_payload, payload_digest,
                                     pretrain_ddpm, resolve_ddpm_config)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,12 +290,12 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     from rsfusion.lightning_modules.cli import RSFusionCLI
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
-    config["model"]["init_args"].update(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=24)
+    config["model"]["init_args"].update(ddpm=TINY_DDPM)
     config["data"]["class_path"] = "rsfusion.datamodules.RasterDataModule"  # the scene's own files, not a release layout
     config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
                                    "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
                                    "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4,
-                                   "allow_even_patch": True}
+                                   "allow_even_patch": True, "pretrain_tiles": {"tile": 8, "per_epoch": 24}}
     config["trainer"].update(max_steps=-1, max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1,
                              default_root_dir=str(tmp_path),
                              enable_progress_bar=False, enable_model_summary=False)
@@ -311,6 +315,7 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     ckpt = next(tmp_path.glob("version_0/checkpoints/*.ckpt"))
     payload = load_ddpm_payload(ckpt)
     assert payload["modality_channels"] == CHANNELS and payload["masking"]["hsi"] == pytest.approx(p_hsi[-1])
+    assert payload["ema_updates"] == 12  # the AveragedModel averaged once per optimiser step
     # the EMA weights of the checkpoint drive a BDGF
     model = tiny_bdgf(ddpm_checkpoint=str(ckpt), patch_size=8)
     assert model.bank_channels == 24
@@ -357,7 +362,11 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     config = _tiny_synthetic_config(tmp_path, cache)
     first = _run([_script(), "fit", "--config", str(config)], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "no cached DDPM" in first.stderr and "BDGF pretrain step 3/3" in first.stderr
+    assert "no cached DDPM" in first.stderr and "BDGF stage 1: 3 steps done on 1 process(es) in " in first.stderr
+    # stage 1 was a Trainer run of its own, logged beside the classifier's run
+    stage1 = list(csv.DictReader((tmp_path / "runs" / "version_0" / "bdgf_pretrain" / "metrics.csv").open()))
+    assert {"train/loss", "train/p_mask/hsi", "train/p_mask/sar"} <= set(stage1[0])
+    assert max(int(r["step"]) for r in stage1) == 2  # steps 0, 1, 2 logged
     assert "feature bank (24, 16, 16) saved" in first.stderr
     assert "test/OA_mamba" in first.stdout and "test/kappa" in first.stdout
     assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
@@ -369,12 +378,35 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     val_rows = [r for r in metrics if r.get("val/OA_cnn")]
     assert val_rows and all(0 <= float(val_rows[0][f"val/OA_{b}"]) <= 1 for b in ("cnn", "mamba", "transformer"))
 
+    # stage 2 as a command: for the same config it finds the bank the fit cached (same key), and prints it
+    stage2 = _run([sys.executable, "-m", "rsfusion.lightning_modules.bdgf_features", "--config", str(config)], tmp_path)
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    assert "DDPM cache hit" in stage2.stderr and "feature bank cache hit" in stage2.stderr
+    assert stage2.stdout.strip() == str(next((cache / "banks").glob("*.npy")))
+
     second = _run([_script(), "fit", "--config", str(config)], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "DDPM cache hit" in second.stderr and "feature bank cache hit" in second.stderr
     assert "pretrain" not in second.stderr.replace("(no pretraining)", "") and "extracting" not in second.stderr
     assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
     assert _test_oa(first.stdout) is not None and _test_oa(second.stdout) == _test_oa(first.stdout)  # same run
+
+    # predict_window: the bank is read window by window from the memory-mapped cached file (the checkpoint
+    # names it); the map equals the in-memory prediction's
+    whole = _run([_script(), "predict", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    windowed = _run([_script(), "predict", "--config", str(config), "--ckpt_path", str(ckpt),
+                     "--data.init_args.predict_window", "6"], tmp_path)
+    assert windowed.returncode == 0, windowed.stderr[-3000:]
+    assert "reading the feature bank" in windowed.stderr and "window by window" in windowed.stderr
+    maps = [rasterio.open(tmp_path / "runs" / f"version_{v}" / "predictions" / "classification_map.tif").read(1)
+            for v in (2, 3)]
+    assert maps[0].shape == (16, 16) and maps[0].min() >= 1 and len(np.unique(maps[0])) > 1
+    np.testing.assert_array_equal(maps[1], maps[0])
+    bank = next((cache / "banks").glob("*.npy"))
+    provenance = json.loads(bank.with_suffix(".json").read_text())
+    assert provenance["ddpm"] == payload_digest(load_ddpm_payload(ckpt)) and len(provenance["data"]) == 64
+    assert (provenance["tile"], provenance["overlap"], provenance["timesteps"]) == (8, 4, [5])
 
     # test from the checkpoint with the cache deleted: the DDPM comes from the checkpoint (no
     # pretraining), only the bank is rebuilt, and the metrics are those of the fit's own test
@@ -426,3 +458,29 @@ def test_configs_parse_without_their_data(name, capsys):
         assert len(data["class_names"] or classes) == {"bdgf_augsburg": 7, "bdgf_berlin": 8}[name]
     if name.startswith("bdgf_pretrain"):
         assert printed["test_after_fit"] is False and printed["trainer"]["gradient_clip_val"] == 1.0
+
+
+def test_pretrain_needs_the_datamodules_unlabelled_tiles(make_dm):
+    import lightning as L
+
+    model = BDGFPretrain(ddpm=TINY_DDPM, in_channels=CHANNELS, num_classes=6)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(InputError, match=r"BDGFPretrain trains on unlabelled scene tiles: set data.pretrain_tiles"):
+        trainer.fit(model, datamodule=make_dm(patch_size=8, allow_even_patch=True))
+    with pytest.raises(InputError, match=r"pretrain_tiles.tile \(5\) must be a multiple of the denoiser's downsample "
+                                         r"factor 2"):
+        trainer.fit(model, datamodule=make_dm(patch_size=8, allow_even_patch=True,
+                                              pretrain_tiles={"tile": 5, "per_epoch": 4}))
+    with pytest.raises(InputError, match=r"pretrain_tiles: expected the keys tile and per_epoch, got \['size'\]"):
+        make_dm(pretrain_tiles={"size": 8})
+    dm = make_dm(patch_size=8, allow_even_patch=True, pretrain_tiles={"tile": 8, "per_epoch": 5})
+    tiles = dm.train_dataset
+    assert isinstance(tiles, RandomSceneTiles) and len(tiles) == 5
+    x0 = tiles[0]["x0"]
+    assert x0.shape == (8, 8, 8) and set(tiles[0]) == {"x0"}
+    # a tile is a crop of the stacked normalised scene, up to a flip/rot90
+    scene = torch.cat([torch.from_numpy(a) for a in unpadded(dm).values()])
+    crops = [scene[:, y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+    views = [torch.rot90(c, k, dims=(1, 2)) for c in crops for k in range(4)]
+    assert any(torch.equal(x0, v) or torch.equal(x0, v.flip(-1)) for v in views)

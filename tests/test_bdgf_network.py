@@ -15,17 +15,15 @@ from rsfusion.lightning_modules.networks.bdgf import (
     feature_similarity_loss,
     warmup_weight,
 )
+from rsfusion.lightning_modules.bdgf_features import extract_feature_cube, feature_cube_channels, scene_noise
+from rsfusion.lightning_modules.bdgf_pretrain import ModalityMaskingController
 from rsfusion.lightning_modules.networks.bdgf_diffusion import (
     DiffusionSchedule,
-    ModalityMaskingController,
     MultimodalDenoiserUNet,
     ddpm_training_loss,
     denoising_loss,
-    masked_diffusion_loss,
     draw_channel_mask,
-    extract_feature_cube,
-    feature_cube_channels,
-    scene_noise,
+    masked_diffusion_loss,
 )
 
 MODS = {"hsi": 6, "sar": 2}

@@ -61,8 +61,10 @@ FAMILIES = {
                         feature_timesteps=[5], feature_tile=8, feature_overlap=4, pretrain_steps=2,
                         pretrain_batch_size=2, pretrain_tile=8, pretrain_lr=1e-2, pretrain_ema_decay=0.0,
                         dim=8, proj_dim=8, mamba_kwargs={"d_state": 2}, transformer_kwargs={"heads": 2})),
-    "BDGFPretrain": Family(BDGFPretrain, dict(kind="hsi_sar", patch_size=8, allow_even_patch=True),
-                           dict(ddpm=TINY_DDPM, tile=8, tiles_per_epoch=16)),
+    # the unlabelled tiles are a DataModule option since issue 13 (they were BDGFPretrain's tile/tiles_per_epoch)
+    "BDGFPretrain": Family(BDGFPretrain, dict(kind="hsi_sar", patch_size=8, allow_even_patch=True,
+                                              pretrain_tiles={"tile": 8, "per_epoch": 16}),
+                           dict(ddpm=TINY_DDPM)),
 }
 
 # Filled in by the session fixture `files` (paths that only exist at run time).
@@ -164,8 +166,6 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
     ],
     "BDGFPretrain": [
         ("ddpm", {**TINY_DDPM, "base_channels": 4}, {}, "changes"),
-        ("tile", 16, {}, "changes"),
-        ("tiles_per_epoch", 8, {}, "changes"),
         # below the EMA warm-up min(decay, (1 + n) / (10 + n)) of the first updates
         ("ema_decay", 0.05, {}, "changes"),
     ],

@@ -69,15 +69,38 @@ def test_ddp_m3amba_switches_to_finding_unused_parameters(tmp_path):
     assert (tmp_path / "runs" / "version_0" / "predictions" / "classification_map.tif").exists()
 
 
-def test_ddp_bdgf_builds_the_ddpm_and_feature_bank_once_on_rank_zero(tmp_path):
+def test_ddp_bdgf_stage_one_outlasts_the_process_group_timeout(tmp_path):
+    """Stage 1 is trained by both ranks together (a Trainer run under the same DDP strategy), so a
+    pretraining longer than the process group's timeout fails nothing: no rank waits at a barrier
+    while another trains (before issue 13, rank 1 waited for rank 0's hand-written loop and timed out)."""
+    import re
+
+    import yaml
+
     from tests.test_bdgf_module import _tiny_synthetic_config
 
     cache = tmp_path / "cache"
     config = _tiny_synthetic_config(tmp_path, cache)
-    fit = _lightning(["fit", "--config", str(config), *DDP], tmp_path)
-    assert "BDGF rank 1: DDPM and feature bank read from rank 0's cache" in fit.stderr
+    options = yaml.safe_load(config.read_text())
+    options["model"]["init_args"].update(pretrain_steps=300, pretrain_batch_size=8)
+    config.write_text(yaml.safe_dump(options))
+    strategy = '{class_path: lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: "0:00:15", ' \
+               'process_group_backend: gloo}}'
+    fit = _lightning(["fit", "--config", str(config), "--trainer.strategy", strategy, "--trainer.devices", "2",
+                      "--trainer.accelerator", "cpu"], tmp_path)
+    stage1 = re.search(r"BDGF stage 1: 300 steps done on 2 process\(es\) in ([0-9.]+) s "
+                       r"\(process-group timeout 0:00:15\)", fit.stderr)
+    assert stage1 is not None, fit.stderr[-3000:]
+    assert float(stage1.group(1)) > 15, stage1.group(0)  # longer than the timeout: a waiting rank would have failed
+    # both ranks trained (neither read the other's cache), extracted the bank themselves; rank 0 wrote both
+    ranks = sorted(line[line.index("BDGF rank"):] for line in fit.stderr.splitlines() if "BDGF rank" in line)
+    assert ranks == ["BDGF rank 0: DDPM built, bank built", "BDGF rank 1: DDPM built, bank built"], fit.stderr[-3000:]
     assert len(list((cache / "ddpm").glob("*.pt"))) == 1 and len(list((cache / "banks").glob("*.npy"))) == 1
+    # the stage-1 Trainer logged its run (rank 0) beside the classifier's
+    assert (tmp_path / "runs" / "version_0" / "bdgf_pretrain" / "metrics.csv").is_file()
+    # the synchronised test metrics equal one process testing the same checkpoint, whose DDPM is the cached one
     ckpt = next((tmp_path / "runs").glob("version_0/checkpoints/best-*.ckpt"))
     single = _lightning(["test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    assert "no cached DDPM" not in single.stderr and "feature bank cache hit" in single.stderr
     for key in ("test/OA", "test/OA_mamba", "test/kappa"):
         assert _test_line(fit.stdout, key) == _test_line(single.stdout, key)

@@ -58,8 +58,8 @@ MODEL = {
              "--model.init_args.dim", "16", "--model.init_args.proj_dim", "16",
              "--model.init_args.mamba_kwargs", '{"d_state": 4}', "--model.init_args.transformer_kwargs", '{"heads": 2}',
              "--model.init_args.warmup_steps", "1"],
-    "BDGFPretrain": ["--model.init_args.ddpm", TINY_DDPM, "--model.init_args.tile", "16",
-                     "--model.init_args.tiles_per_epoch", "8", "--trainer.max_steps", "2",
+    "BDGFPretrain": ["--model.init_args.ddpm", TINY_DDPM, "--data.init_args.pretrain_tiles",
+                     '{"tile": 16, "per_epoch": 8}', "--trainer.max_steps", "2",
                      "--data.init_args.batch_size", "4", "--trainer.check_val_every_n_epoch", "1"],
 }
 SYNTHETIC = ["--data.init_args.scene_height", "32", "--data.init_args.scene_width", "36",

@@ -1,4 +1,4 @@
-"""BDGF stages 1 and 1b: multimodal DDPM with adaptive modality masking, and diffusion features.
+"""BDGF's multimodal DDPM: noise schedule, denoiser UNet and its masked, modality-balanced loss.
 
 BDGF (Liu et al., arXiv 2509.23310) pre-trains a multimodal DDPM with an *adaptive modality
 masking* strategy so that the learned distribution is not dominated by the spectral image, then
@@ -23,13 +23,17 @@ number is a constructor/function argument:
 - features: timesteps {50, 150} averaged, the three decoder levels, bilinear upsampling to tile
   resolution, tiles stitched with 50 % overlap [D].
 
+The masking controller lives with stage 1 (``lightning_modules/bdgf_pretrain.py``) and the
+feature extraction with stage 2 (``lightning_modules/bdgf_features.py``): this module holds networks
+and their losses only.
+
 Decoder levels are numbered from 0 = full resolution (shallowest, the spec's "level-1 32x32") to
 ``len(channel_mult) - 1`` = deepest (the spec's "level-3 8x8").
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,25 +42,17 @@ from torch import Tensor, nn
 __all__ = [
     "DiffusionSchedule",
     "MultimodalDenoiserUNet",
-    "ModalityMaskingController",
     "denoising_loss",
     "masked_diffusion_loss",
     "draw_channel_mask",
     "ddpm_training_loss",
-    "scene_noise",
-    "feature_cube_channels",
-    "extract_feature_cube",
 ]
 
 SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHTINGS = ("per_channel", "per_modality")
-MASK_MODES = ("none", "random_fixed", "adaptive")
 MASK_GRANULARITIES = ("modality", "band_group")
 MASK_FILLS = ("learned", "noise")
 MASK_INDICATORS = ("channel", "embedding", "both")
-CRITERIA = ("loss_progress", "grad_norm")
-BLENDS = ("mean", "center")
-TIMESTEP_REDUCTIONS = ("mean", "concat")
 MASKED_TARGETS = ("x0", "none")
 # Smallest per-channel x0 variance used to normalise the masked channels' x0 loss: keeps a channel
 # that is (nearly) constant over a batch from blowing the loss up [D].
@@ -530,284 +526,3 @@ def ddpm_training_loss(denoiser: MultimodalDenoiserUNet, schedule: DiffusionSche
     out = masked_diffusion_loss(pred, noise, x0, channel_mask, denoiser.modality_channels, weighting, masked_target)
     out["t"] = t
     return out
-
-
-class ModalityMaskingController(nn.Module):
-    """Per-sample whole-modality masking with probabilities adapted to learning progress.
-
-    Each sample draws one outcome among {no mask, mask modality 1, ..., mask modality M} with
-    probabilities (1 - sum p, p_1, ..., p_M): at most one modality is hidden, so all modalities
-    are never masked at once [R]. Modes (spec section 4.3): ``"none"`` (p = 0), ``"random_fixed"``
-    (p = ``initial_probabilities`` forever) and ``"adaptive"`` [D]:
-
-    - ``step(losses)`` feeds each modality's *unmasked* loss (the stage-1 code feeds the epsilon MSE
-      over the samples where the modality is visible: the same quantity under every
-      ``masked_target``, never mixed with the masked samples' x0 loss, whose share would follow the
-      masking probability itself); an EMA (``ema_momentum``) smooths it;
-    - every ``window`` steps, r_m = EMA_m(window start) / EMA_m(now) is modality m's relative
-      improvement and rho_m = r_m / mean_{j != m} r_j its imbalance ratio (> 1: m learns faster,
-      i.e. dominates);
-    - p_m <- clip(p_m + step_size * (rho_m - 1), p_min, p_max), so the faster modality is hidden
-      more often and the network must learn the slower one. Probabilities are rescaled if their
-      sum would exceed ``max_total``.
-
-    The spec writes the rule for two modalities with a half step for the auxiliary one; the
-    symmetric form above (ours) covers any number of modalities. With ``criterion="grad_norm"``
-    (OGM-GE-like alternative), ``step`` receives per-modality gradient norms (e.g.
-    ``MultimodalDenoiserUNet.stem_gradient_norms()``) and rho_m compares their EMAs directly.
-
-    State lives in buffers (saved with the LightningModule's checkpoint).
-    """
-
-    def __init__(self, modality_names: Sequence[str], mode: str = "adaptive",
-                 initial_probabilities: Sequence[float] | None = None, ema_momentum: float = 0.99,
-                 window: int = 200, step_size: float = 0.05, p_min: float = 0.05, p_max: float = 0.5,
-                 max_total: float = 0.9, criterion: str = "loss_progress"):
-        super().__init__()
-        _check_choice("mode", mode, MASK_MODES)
-        _check_choice("criterion", criterion, CRITERIA)
-        names = list(modality_names)
-        if len(set(names)) != len(names) or not names:
-            raise ValueError(f"modality_names must be unique and non-empty, got {names}")
-        if mode != "none" and len(names) < 2:
-            raise ValueError("mode must be 'none' with a single modality (masking it would hide everything)")
-        if initial_probabilities is None:
-            initial_probabilities = [0.3] + [0.1] * (len(names) - 1)
-        probs = torch.tensor([float(p) for p in initial_probabilities], dtype=torch.float64)
-        if probs.numel() != len(names):
-            raise ValueError(f"initial_probabilities needs {len(names)} values, got {probs.numel()}")
-        if not 0.0 <= p_min <= p_max <= 1.0:
-            raise ValueError(f"need 0 <= p_min <= p_max <= 1, got p_min={p_min}, p_max={p_max}")
-        if not 0.0 < max_total <= 1.0 or (mode != "none" and float(probs.sum()) > max_total):
-            raise ValueError(f"initial_probabilities sum {float(probs.sum()):.3f} must be "
-                             f"<= max_total={max_total} <= 1")
-        if (probs < 0).any():
-            raise ValueError("initial_probabilities must be non-negative")
-        if not 0.0 <= ema_momentum < 1.0 or window < 1 or step_size < 0:
-            raise ValueError("need 0 <= ema_momentum < 1, window >= 1 and step_size >= 0")
-        self.modality_names = names
-        self.mode, self.criterion = mode, criterion
-        self.ema_momentum, self.window, self.step_size = ema_momentum, window, step_size
-        self.p_min, self.p_max, self.max_total = p_min, p_max, max_total
-        m = len(names)
-        self.register_buffer("probs", torch.zeros(m, dtype=torch.float64) if mode == "none" else probs)
-        self.register_buffer("ema", torch.full((m,), float("nan"), dtype=torch.float64))
-        self.register_buffer("window_start", torch.full((m,), float("nan"), dtype=torch.float64))
-        self.register_buffer("rho", torch.ones(m, dtype=torch.float64))
-        self.register_buffer("steps_in_window", torch.zeros((), dtype=torch.long))
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    @property
-    def probabilities(self) -> dict[str, float]:
-        """Current masking probability of each modality, {name: p}."""
-        return {n: float(p) for n, p in zip(self.modality_names, self.probs)}
-
-    def log_state(self) -> dict[str, float]:
-        """Flat dict for loggers: p_mask/<m>, ema_loss/<m>, rho/<m>."""
-        out = {}
-        for i, n in enumerate(self.modality_names):
-            out[f"p_mask/{n}"] = float(self.probs[i])
-            out[f"ema_loss/{n}"] = float(self.ema[i])
-            out[f"rho/{n}"] = float(self.rho[i])
-        return out
-
-    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Draw per-sample modality masks, (batch_size, M) bool with at most one True per row."""
-        m = len(self.modality_names)
-        outcome_probs = torch.cat([(1 - self.probs.sum()).clamp(min=0).view(1), self.probs]).float()
-        outcome = torch.multinomial(outcome_probs.cpu(), batch_size, replacement=True, generator=generator)
-        mask = F.one_hot(outcome, m + 1)[:, 1:].bool()
-        return mask.to(device) if device is not None else mask
-
-    @torch.no_grad()
-    def step(self, values: Tensor | Mapping[str, float] | Sequence[float]) -> dict[str, float]:
-        """Feed one step's per-modality losses (or gradient norms); returns the probabilities.
-
-        NaN entries (modality masked in every sample of the batch) leave that EMA unchanged.
-        """
-        if isinstance(values, Mapping):
-            values = [float(values[n]) for n in self.modality_names]
-        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
-        if v.numel() != len(self.modality_names):
-            raise ValueError(f"step expects {len(self.modality_names)} values, got {v.numel()}")
-        seen = ~torch.isnan(v)
-        first = torch.isnan(self.ema) & seen
-        blended = self.ema_momentum * self.ema + (1 - self.ema_momentum) * v
-        self.ema.copy_(torch.where(first, v, torch.where(seen, blended, self.ema)))
-        if torch.isnan(self.window_start).any():
-            # the window opens once every modality has been observed
-            if not torch.isnan(self.ema).any():
-                self.window_start.copy_(self.ema)
-                self.steps_in_window.zero_()
-            return self.probabilities
-        self.steps_in_window += 1
-        if int(self.steps_in_window) >= self.window:
-            self._update()
-        return self.probabilities
-
-    def _update(self) -> None:
-        eps = 1e-12
-        if self.criterion == "loss_progress":
-            speed = self.window_start.clamp(min=eps) / self.ema.clamp(min=eps)
-        else:
-            speed = self.ema.clamp(min=eps)
-        m = speed.numel()
-        others_mean = (speed.sum() - speed) / (m - 1) if m > 1 else speed
-        self.rho.copy_(speed / others_mean.clamp(min=eps))
-        if self.mode == "adaptive":
-            probs = (self.probs + self.step_size * (self.rho - 1)).clamp(self.p_min, self.p_max)
-            total = probs.sum()
-            if total > self.max_total:
-                probs = probs * (self.max_total / total)
-            self.probs.copy_(probs)
-        self.window_start.copy_(self.ema)
-        self.steps_in_window.zero_()
-        self.num_updates += 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1b: diffusion feature cube over a whole scene
-# ----------------------------------------------------------------------------------------------
-def scene_noise(channels: int, height: int, width: int, seed: int) -> Tensor:
-    """The fixed noise field eps (C, H, W) for a scene: depends only on the seed and the shape.
-
-    One field for the whole scene (each tile crops its window of it), so every pixel sees the same
-    eps whatever the tiling, and the same field is used for every timestep ("shared noise").
-    """
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn(channels, height, width, generator=generator)
-
-
-def feature_cube_channels(denoiser: MultimodalDenoiserUNet, levels: Sequence[int] = (0, 1, 2),
-                          num_timesteps: int = 1, timestep_reduction: str = "mean") -> dict[int, int]:
-    """{level: channels} of the blocks of an ``extract_feature_cube`` output, in cube order.
-
-    ``torch.split(cube, list(feature_cube_channels(...).values()))`` gives the per-level cubes.
-    """
-    _check_choice("timestep_reduction", timestep_reduction, TIMESTEP_REDUCTIONS)
-    if not levels or any(lvl not in denoiser.feature_channels for lvl in levels):
-        raise ValueError(f"levels must be non-empty and in {sorted(denoiser.feature_channels)}, got {tuple(levels)}")
-    factor = num_timesteps if timestep_reduction == "concat" else 1
-    return {lvl: denoiser.feature_channels[lvl] * factor for lvl in levels}
-
-
-def _tile_origins(size: int, tile: int, stride: int) -> list[int]:
-    return list(range(0, size - tile + 1, stride))
-
-
-def _padded_size(size: int, tile: int, stride: int) -> int:
-    if size <= tile:
-        return tile
-    return tile + math.ceil((size - tile) / stride) * stride
-
-
-def _blend_weights(tile: int, origin: int, padded: int, overlap: int, blend: str) -> Tensor:
-    """1-D stitching weights of one tile along one axis."""
-    w = torch.ones(tile)
-    if blend == "center":
-        lo, hi = overlap // 2, overlap - overlap // 2
-        if origin > 0:
-            w[:lo] = 0
-        if origin + tile < padded:
-            w[tile - hi:] = 0
-    return w
-
-
-@torch.no_grad()
-def extract_feature_cube(denoiser: MultimodalDenoiserUNet, schedule: DiffusionSchedule,
-                         modalities: Mapping[str, Tensor], timesteps: Sequence[int] = (50, 150),
-                         levels: Sequence[int] = (0, 1, 2), tile: int = 32, overlap: int = 16,
-                         batch_size: int = 16, seed: int = 0, blend: str = "mean",
-                         timestep_reduction: str = "mean", dtype: torch.dtype = torch.float32,
-                         progress: Callable[[int, int], None] | None = None) -> Tensor:
-    """Frozen-denoiser features of a whole scene, computed in overlapping tiles and stitched.
-
-    ``modalities`` maps every modality name of the denoiser to a (C_m, H, W) tensor on a common
-    grid (already normalised as in training). For each tile and each timestep t in ``timesteps``:
-    x_t = q_sample(x0, t, eps) with eps from ``scene_noise(C, H, W, seed)``, one UNet pass (no
-    masking), the decoder maps of ``levels`` upsampled bilinearly to tile resolution. Timesteps
-    are averaged (``timestep_reduction="mean"`` [D]) or concatenated (``"concat"``), and tiles are
-    stitched with ``blend="mean"`` (uniform average in overlaps, spec default [D]) or
-    ``"center"`` (each pixel taken from the tile(s) where it lies at least ``overlap // 2`` from
-    an inner tile edge, which equals an untiled pass when the network is local and its receptive
-    field radius is at most ``overlap // 2``).
-
-    The scene is reflect-padded at the bottom/right to a whole number of tiles, and cropped back.
-    ``tile`` and the stride ``tile - overlap`` must be multiples of ``denoiser.downsample_factor``
-    so every tile sits on the same down-sampling grid as an untiled pass.
-    ``progress(done, total)`` is called once per finished tile, if given.
-
-    Returns (F, H, W) in ``dtype`` on the CPU; channels are the levels in the order given, each
-    ``denoiser.feature_channels[level]`` wide (times ``len(timesteps)`` when concatenating, with
-    the timesteps consecutive inside a level): see :func:`feature_cube_channels`.
-    """
-    _check_choice("blend", blend, BLENDS)
-    _check_choice("timestep_reduction", timestep_reduction, TIMESTEP_REDUCTIONS)
-    names = denoiser.modality_names
-    if set(modalities) != set(names):
-        raise ValueError(f"modalities must have exactly the keys {names}, got {sorted(modalities)}")
-    shapes = {n: tuple(modalities[n].shape) for n in names}
-    if any(len(s) != 3 for s in shapes.values()) or len({s[1:] for s in shapes.values()}) != 1:
-        raise ValueError(f"modalities must be (C, H, W) tensors on a common grid, got {shapes}")
-    for n in names:
-        if shapes[n][0] != denoiser.modality_channels[n]:
-            raise ValueError(f"modality {n!r} has {shapes[n][0]} bands, the denoiser expects "
-                             f"{denoiser.modality_channels[n]}")
-    if not timesteps or any(not 0 <= int(t) < schedule.num_timesteps for t in timesteps):
-        raise ValueError(f"timesteps must be non-empty and in [0, {schedule.num_timesteps}), got {tuple(timesteps)}")
-    level_width = feature_cube_channels(denoiser, levels, len(timesteps), timestep_reduction)
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must satisfy 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
-    factor = denoiser.downsample_factor
-    if tile % factor or (tile - overlap) % factor:
-        raise ValueError(f"tile ({tile}) and tile - overlap ({tile - overlap}) must be multiples of "
-                         f"the denoiser's downsample factor {factor}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    param = next(denoiser.parameters())
-    device = param.device
-    x0 = torch.cat([modalities[n].float().cpu() for n in names], dim=0)
-    channels, height, width = x0.shape
-    noise = scene_noise(channels, height, width, seed)
-    stride = tile - overlap
-    ph, pw = _padded_size(height, tile, stride), _padded_size(width, tile, stride)
-    if (ph, pw) != (height, width):
-        pad = (0, pw - width, 0, ph - height)
-        mode = "reflect" if ph - height < height and pw - width < width else "replicate"
-        x0 = F.pad(x0[None], pad, mode=mode)[0]
-        noise = F.pad(noise[None], pad, mode=mode)[0]
-
-    total_channels = sum(level_width.values())
-    acc = torch.zeros(total_channels, ph, pw)
-    weight = torch.zeros(ph, pw)
-    origins = [(y, x) for y in _tile_origins(ph, tile, stride) for x in _tile_origins(pw, tile, stride)]
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        for start in range(0, len(origins), batch_size):
-            chunk = origins[start:start + batch_size]
-            clean = torch.stack([x0[:, y:y + tile, x:x + tile] for y, x in chunk]).to(device)
-            eps = torch.stack([noise[:, y:y + tile, x:x + tile] for y, x in chunk]).to(device)
-            per_t = []
-            for t in timesteps:
-                tt = torch.full((len(chunk),), int(t), dtype=torch.long, device=device)
-                _, feats = denoiser(schedule.q_sample(clean, tt, eps), tt, return_features=True,
-                                    feature_levels=levels)
-                per_t.append([F.interpolate(feats[lvl].float(), size=(tile, tile), mode="bilinear",
-                                            align_corners=False) for lvl in levels])
-            if timestep_reduction == "mean":
-                stacked = torch.cat([torch.stack([f[i] for f in per_t]).mean(dim=0) for i in range(len(levels))], dim=1)
-            else:
-                stacked = torch.cat([torch.cat([f[i] for f in per_t], dim=1) for i in range(len(levels))], dim=1)
-            stacked = stacked.cpu()
-            for k, (y, x) in enumerate(chunk):
-                w = (_blend_weights(tile, y, ph, overlap, blend)[:, None]
-                     * _blend_weights(tile, x, pw, overlap, blend)[None])
-                acc[:, y:y + tile, x:x + tile] += stacked[k] * w
-                weight[y:y + tile, x:x + tile] += w
-                if progress is not None:
-                    progress(start + k + 1, len(origins))
-    finally:
-        denoiser.train(was_training)
-    return (acc / weight.clamp(min=1e-12))[:, :height, :width].to(dtype)
