@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+import yaml
 from rasterio.transform import from_origin
+
+from rsfusion.kernels import selective_scan_ref
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # The tests use tiny tensors, for which thread start-up costs far more than it saves.
 torch.set_num_threads(1)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 REAL_RASTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-rasters"
 
 
@@ -76,3 +80,108 @@ def scan_backend_calls(monkeypatch):
 
     monkeypatch.setattr(dispatch, "resolve_backend", recording)
     return calls
+
+
+# ----------------------------------------------------------------- selective-scan test helpers
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The one reference (kernels/reference.py, a step-by-step loop) on the inputs upcast to float64:
+    (out, last state), differentiable with respect to float64 leaves."""
+    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    doubled = {k: v if v is None else v.double() for k, v in inputs.items()}
+    return selective_scan_ref(**doubled, delta_softplus=delta_softplus, return_last_state=True)
+
+
+def make_inputs(batch, dim, length, nstate, groups=None, extras=True, dtype=torch.float32, seed=0):
+    """mamba's test distribution (spec §1.6); groups=None gives 3-D B/C."""
+    gen = torch.Generator().manual_seed(seed)
+    bc_shape = (batch, nstate, length) if groups is None else (batch, groups, nstate, length)
+
+    def rand(*shape, scale=1.0, normal=True):
+        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
+        return (t * scale).to(dtype)
+
+    inputs = {
+        "u": rand(batch, dim, length),
+        "delta": rand(batch, dim, length, scale=0.5, normal=False),
+        "A": -0.5 * torch.rand(dim, nstate, generator=gen).to(dtype if dtype == torch.float64 else torch.float32),
+        "B": rand(*bc_shape),
+        "C": rand(*bc_shape),
+    }
+    if extras:
+        weight = dtype if dtype == torch.float64 else torch.float32
+        inputs["D"] = torch.randn(dim, generator=gen).to(weight)
+        inputs["z"] = rand(batch, dim, length)
+        inputs["delta_bias"] = (0.5 * torch.rand(dim, generator=gen)).to(weight)
+    return inputs
+
+
+def run_with_grads(fn, inputs, grad_out, **kwargs):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out, last = fn(**leaves, return_last_state=True, **kwargs)
+    (out.double() * grad_out).sum().backward()
+    return out, last, {k: v.grad for k, v in leaves.items()}
+
+
+def oracle_with_grads(inputs, grad_out, delta_softplus):
+    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    out, last = oracle(**leaves, delta_softplus=delta_softplus)
+    (out * grad_out).sum().backward()
+    return out, last, {k: v.grad for k, v in leaves.items()}
+
+
+def assert_close(actual, expected, name, rtol=1e-4, atol=1e-4):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------- tiny models shared by tests
+TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                 patch_size=8, projection_dim=8)
+TINY_M3AMBA = dict(dims=16, depth=1, d_state=2, ssm_ratio=1.0, drop_path_rate=0.0, clip_config=TINY_CLIP)
+
+
+TINY_DAS2F = dict(d_model=16, d_state=4, dt_rank=4, head_hidden=16)
+
+
+TINY_DDPM = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=4,
+                 norm_groups=4, dropout=0.0, num_timesteps=50, mask_window=2)
+TINY_BDGF_NET = dict(dim=16, proj_dim=8, mamba_kwargs={"d_state": 4}, transformer_kwargs={"heads": 2})
+BDGF_PATCH = 5
+
+
+def tiny_bdgf_config(tmp_path: Path, cache: Path) -> Path:
+    """configs/bdgf_synthetic.yaml with a tiny DDPM and network, outputs under ``tmp_path``."""
+    config = yaml.safe_load((ROOT / "configs" / "bdgf_synthetic.yaml").read_text())
+    model = config["model"]["init_args"]
+    model.update(cache_dir=str(cache), ddpm=TINY_DDPM, pretrain_steps=3, pretrain_batch_size=4, pretrain_tile=8,
+                 feature_levels=[0, 1], guide_levels={"cnn": 0, "mamba": 1, "transformer": 1}, feature_timesteps=[5],
+                 feature_tile=8, feature_overlap=4, **TINY_BDGF_NET)
+    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=16, scene_width=16,
+                                       train_per_class=6, patch_size=BDGF_PATCH, batch_size=16, pca={"hsi": 4})
+    config["trainer"].update(max_epochs=1, limit_train_batches=2, default_root_dir=str(tmp_path / "runs"),
+                             enable_progress_bar=False, enable_model_summary=False)
+    path = tmp_path / "bdgf.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ----------------------------------------------------------------- end-to-end config runs
+E2E_TRAINER = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+           "--trainer.log_every_n_steps", "1"]
+
+
+def redirect_outputs(config: Path, out: Path) -> Path:
+    """The config with its run folders and cache directory under ``out`` (the shipped configs
+    write to runs/<name>; this is the only change made to a config's file)."""
+    data = yaml.safe_load(config.read_text())
+    trainer = data["trainer"]
+    trainer["default_root_dir"] = str(out)
+    if "cache_dir" in data["model"].get("init_args", {}):
+        data["model"]["init_args"]["cache_dir"] = str(out / "cache")
+    path = out / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -17,9 +17,9 @@ import rasterio
 import yaml
 
 from rsfusion.lightning_modules.cli import main
+from tests.conftest import CONFIGS, E2E_TRAINER, redirect_outputs
 from tests.data import releases
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN = [c.stem for c in sorted(CONFIGS.glob("*.yaml")) if not c.stem.endswith("_template")]
 
 # config -> the copy it runs on (a release copy of tests/data/releases.py, or a synthetic scene kind)
@@ -36,10 +36,8 @@ DATA = {
     "m3amba_synthetic": "synthetic",
 }
 STAGE_1 = ("bdgf_pretrain_augsburg", "bdgf_pretrain_synthetic")  # DDPM pretraining alone: no classes to test
-TRAINER = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-           "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-           "--trainer.log_every_n_steps", "1"]
-TINY_DDPM = json.dumps(dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=8,
+TINY_DDPM = json.dumps(dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[],
+                            stem_channels=8,
                             norm_groups=4, dropout=0.0, num_timesteps=50))
 TINY_CLIP = json.dumps(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                             image_size=32, patch_size=16, projection_dim=8))
@@ -66,27 +64,13 @@ SYNTHETIC = ["--data.init_args.scene_height", "32", "--data.init_args.scene_widt
              "--data.init_args.train_per_class", "10"]
 
 
-def redirect_outputs(config: Path, out: Path) -> Path:
-    """The config with its run folders and cache directory under ``out`` (the shipped configs
-    write to runs/<name>; this is the only change made to a config's file)."""
-    data = yaml.safe_load(config.read_text())
-    trainer = data["trainer"]
-    trainer["default_root_dir"] = str(out)
-    if "cache_dir" in data["model"].get("init_args", {}):
-        data["model"]["init_args"]["cache_dir"] = str(out / "cache")
-    path = out / config.name
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def run_args(name: str, root: Path, out: Path) -> list[str]:
     """``fit --config <config> --data.init_args.root <root>`` plus the documented shrink."""
     config = CONFIGS / f"{name}.yaml"
     model = yaml.safe_load(config.read_text())["model"]["class_path"].rsplit(".", 1)[-1]
     extra = SYNTHETIC if DATA[name] == "synthetic" else []
     return ["fit", "--config", str(redirect_outputs(config, out)), "--data.init_args.root", str(root),
-            *TRAINER, *MODEL[model], *extra]
+            *E2E_TRAINER, *MODEL[model], *extra]
 
 
 def scene_shape(name: str) -> tuple[int, int]:

@@ -1,15 +1,11 @@
 """What RasterDataModule reads when: headers and label maps at construction, scene pixels in setup."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from rsfusion.datamodules import RasterDataModule
-from tests.conftest import write_tif
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from tests.conftest import CONFIGS, write_tif
 
 
 class PixelsRead(AssertionError):

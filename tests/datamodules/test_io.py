@@ -60,7 +60,8 @@ def test_nodata_border_never_becomes_a_sample(real_rasters, tmp_path):
 def test_rasters_in_different_crs_are_refused(real_rasters, tmp_path):
     rgb, shade = real_rasters / "RGB.byte.tif", real_rasters / "shade.tif"
     train, test = _rgb_labels(rgb, tmp_path)
-    with pytest.raises(RasterError, match=r"RGB\.byte\.tif and .*shade\.tif: different CRS \(EPSG:32618 vs EPSG:3857\)"):
+    with pytest.raises(RasterError,
+                       match=r"RGB\.byte\.tif and .*shade\.tif: different CRS \(EPSG:32618 vs EPSG:3857\)"):
         RasterDataModule({"rgb": str(rgb), "shade": str(shade)}, train_labels=str(train), test_labels=str(test))
 
 

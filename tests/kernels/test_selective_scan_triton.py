@@ -21,17 +21,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not importable: the Triton backend cannot be tested")
 
 from rsfusion.kernels import dispatch, resolve_backend, selective_scan  # noqa: E402
+from tests.conftest import ROOT, assert_close, make_inputs, oracle, oracle_with_grads, run_with_grads  # noqa: E402
 
-
-def _load_sibling(name):
-    """The reference-oracle and input helpers of test_selective_scan.py, however the tests directory is imported."""
-    spec = importlib.util.spec_from_file_location(f"_selective_scan_oracle_{name}", Path(__file__).with_name(name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load_sibling("test_selective_scan.py")
 INTERPRET = not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRET else "cuda"
 RUN_HERE = not INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,7 +32,7 @@ N_TESTS_HERE = 16  # tests that run in the subprocess: those marked runs_here an
 
 @pytest.mark.skipif(RUN_HERE, reason="the Triton tests run directly in this process")
 def test_triton_tests_in_interpreter_subprocess():
-    repo = Path(__file__).resolve().parents[1]
+    repo = ROOT
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
                             cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -80,41 +71,41 @@ def test_triton_matches_oracle_forward_and_backward(case, scan_triton, monkeypat
     batch, dim, length, nstate, groups, extras, softplus, chunk, tile = CASES[case]
     monkeypatch.setattr(scan_triton, "CHUNK", chunk)
     monkeypatch.setattr(scan_triton, "TILE", tile)
-    inputs = helpers.make_inputs(batch, dim, length, nstate, groups, extras)
+    inputs = make_inputs(batch, dim, length, nstate, groups, extras)
     grad_out = torch.randn(batch, dim, length, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    out, last, grads = helpers.run_with_grads(triton_scan, _on_device(inputs), grad_out.to(DEVICE),
+    out, last, grads = run_with_grads(triton_scan, _on_device(inputs), grad_out.to(DEVICE),
                                               delta_softplus=softplus)
-    ref_out, ref_last, ref_grads = helpers.oracle_with_grads(inputs, grad_out, softplus)
+    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, softplus)
     assert out.shape == (batch, dim, length) and last.shape == (batch, dim, nstate)
-    helpers.assert_close(out.cpu(), ref_out, "out")
-    helpers.assert_close(last.cpu(), ref_last, "last_state")
+    assert_close(out.cpu(), ref_out, "out")
+    assert_close(last.cpu(), ref_last, "last_state")
     assert set(grads) == set(inputs)
     for name in inputs:
         assert grads[name].shape == inputs[name].shape and grads[name].dtype == inputs[name].dtype, name
-        helpers.assert_close(grads[name].cpu(), ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
+        assert_close(grads[name].cpu(), ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
 
 
 @runs_here
 def test_triton_long_sequence_in_chunks_matches_oracle(scan_triton):
-    inputs = helpers.make_inputs(1, 2, 1030, 4, None, extras=True)
+    inputs = make_inputs(1, 2, 1030, 4, None, extras=True)
     grad_out = torch.randn(1, 2, 1030, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out, last, grads = helpers.run_with_grads(triton_scan, _on_device(inputs), grad_out.to(DEVICE),
+    out, last, grads = run_with_grads(triton_scan, _on_device(inputs), grad_out.to(DEVICE),
                                               delta_softplus=True)
-    ref_out, ref_last, ref_grads = helpers.oracle_with_grads(inputs, grad_out, True)
+    ref_out, ref_last, ref_grads = oracle_with_grads(inputs, grad_out, True)
     assert scan_triton.CHUNK < 1030  # the default chunking splits this sequence
-    helpers.assert_close(out.cpu(), ref_out, "out")
-    helpers.assert_close(last.cpu(), ref_last, "last_state")
+    assert_close(out.cpu(), ref_out, "out")
+    assert_close(last.cpu(), ref_last, "last_state")
     for name in inputs:
-        helpers.assert_close(grads[name].cpu(), ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
+        assert_close(grads[name].cpu(), ref_grads[name], f"grad {name}", rtol=2e-4, atol=2e-4)
 
 
 @runs_here
 def test_triton_half_precision_in_and_out(scan_triton):
-    inputs = helpers.make_inputs(1, 4, 9, 2, groups=2, extras=True, dtype=torch.float16)
+    inputs = make_inputs(1, 4, 9, 2, groups=2, extras=True, dtype=torch.float16)
     leaves = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
     out = triton_scan(**leaves, delta_softplus=True)
     assert out.dtype == torch.float16
-    helpers.assert_close(out.cpu(), helpers.oracle(**inputs, delta_softplus=True)[0], "out", rtol=1e-2, atol=1e-2)
+    assert_close(out.cpu(), oracle(**inputs, delta_softplus=True)[0], "out", rtol=1e-2, atol=1e-2)
     out.float().sum().backward()
     for name, leaf in leaves.items():
         assert leaf.grad.dtype == leaf.dtype and torch.isfinite(leaf.grad).all(), name
@@ -144,7 +135,7 @@ def test_self_check_passes_so_auto_keeps_triton(dtype, scan_triton, monkeypatch,
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_triton_health", {})
     monkeypatch.setattr(dispatch, "_triton_preferred", lambda device: True)  # as auto on a GPU
-    inputs = helpers.make_inputs(1, 4, 7, 2, groups=2, extras=True, dtype=dtype)
+    inputs = make_inputs(1, 4, 7, 2, groups=2, extras=True, dtype=dtype)
     with caplog.at_level(logging.INFO, logger="rsfusion.kernels"):
         assert dispatch._triton_self_check(torch.device(DEVICE), dtype) is None
         out = selective_scan(**_on_device(inputs), delta_softplus=True)
@@ -156,7 +147,7 @@ def test_self_check_passes_so_auto_keeps_triton(dtype, scan_triton, monkeypatch,
 
 # ---------------------------------------------------------------- the self-check with a broken Triton path
 def _scan_inputs(dtype=torch.float32):
-    inputs = helpers.make_inputs(2, 4, 9, 3, groups=2, extras=True, dtype=dtype)
+    inputs = make_inputs(2, 4, 9, 3, groups=2, extras=True, dtype=dtype)
     return {k: v.to(DEVICE) for k, v in inputs.items()}
 
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 
 import pytest
 import yaml
 
 from rsfusion.lightning_modules.cli import main
 from rsfusion.lightning_modules.sweeps import agent_command, load_sweep, sample_parameters
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 
 
@@ -57,7 +56,8 @@ def test_sweep_expands_into_a_valid_cli_invocation(path, monkeypatch):
     config = _print_config(argv[2:], monkeypatch)
     assert config["wandb"]["enabled"] is True
     for key, value in params.items():
-        assert _lookup(config, key) == pytest.approx(value) if isinstance(value, float) else _lookup(config, key) == value
+        assert _lookup(config, key) == pytest.approx(value) if isinstance(value, float) else _lookup(config,
+                                                                                                     key) == value
 
 
 def test_nested_dict_keys_override_one_entry_and_keep_the_rest(monkeypatch):

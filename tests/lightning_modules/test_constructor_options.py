@@ -24,7 +24,7 @@ import torch
 
 from rsfusion.datamodules import SyntheticDataModule
 from rsfusion.datamodules.io import InputError
-from rsfusion.lightning_modules import BDGF, DAS2F, M3amba, BDGFPretrain, TwoBranchCNN
+from rsfusion.lightning_modules import BDGF, DAS2F, BDGFPretrain, M3amba, TwoBranchCNN
 from rsfusion.lightning_modules.base import FusionClassifier
 
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,

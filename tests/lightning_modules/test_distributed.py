@@ -59,7 +59,7 @@ def test_ddp_fit_tests_and_maps_like_one_process(tmp_path):
 
 
 def test_ddp_m3amba_switches_to_finding_unused_parameters(tmp_path):
-    from tests.test_m3amba_module import TINY
+    from tests.conftest import TINY_M3AMBA as TINY
 
     config = tiny_config(tmp_path, "m3amba_synthetic", dict(scene_height=32, scene_width=32, train_per_class=8,
                                                             patch_size=16, batch_size=4),
@@ -77,7 +77,7 @@ def test_ddp_bdgf_stage_one_outlasts_the_process_group_timeout(tmp_path):
 
     import yaml
 
-    from tests.test_bdgf_module import _tiny_synthetic_config
+    from tests.conftest import tiny_bdgf_config as _tiny_synthetic_config
 
     cache = tmp_path / "cache"
     config = _tiny_synthetic_config(tmp_path, cache)

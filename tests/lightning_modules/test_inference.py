@@ -10,8 +10,8 @@ import torch
 from rsfusion.lightning_modules import DAS2F, TwoBranchCNN
 from rsfusion.lightning_modules.cli import main
 from rsfusion.lightning_modules.inference import InferencePrecision
+from tests.conftest import TINY_DAS2F as DAS2F_TINY
 from tests.conftest import tiny_config
-from tests.test_das2f_module import TINY as DAS2F_TINY
 
 MAX_DIFFERENT_PIXELS = 0.01  # the stated tolerance: bf16 maps differ from float32 maps on < 1 % of pixels
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from rsfusion.lightning_modules.compare import mean_std, parse_config_spec
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
 
 

@@ -1,14 +1,13 @@
 """Every shipped config parses with the project's LightningCLI (no data needed for --print_config)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from rsfusion.lightning_modules.cli import main
+from tests.conftest import CONFIGS as CONFIG_DIR
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

@@ -64,8 +64,11 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 
 from rsfusion import datamodules  # noqa: E402
-from rsfusion.datamodules import RasterDataModule, RasterError  # noqa: E402
-from rsfusion.datamodules import known_releases  # noqa: E402
+from rsfusion.datamodules import (  # noqa: E402
+    RasterDataModule,
+    RasterError,
+    known_releases,  # noqa: E402
+)
 from tests.data import releases  # noqa: E402
 
 BANDS = {"Houston2013DataModule": {"hsi": 144, "lidar": 1}, "TrentoDataModule": {"hsi": 63, "lidar": 1},
@@ -121,7 +124,8 @@ def test_mat_v73_is_written_as_matlab_does_and_reads_like_v5(tmp_path):
 
 def test_muufl_gt_only_copy_trains_through_the_cli(copies, tmp_path):
     from rsfusion.lightning_modules.cli import main
-    from tests.test_every_config import TRAINER, redirect_outputs
+    from tests.conftest import E2E_TRAINER as TRAINER
+    from tests.conftest import redirect_outputs
 
     config = redirect_outputs(releases.ROOT / "configs" / "baseline_muufl.yaml", tmp_path / "runs")
     main(["fit", "--config", str(config), "--data.init_args.root", str(copies["muufl_gt_only"]), *TRAINER,

@@ -155,7 +155,8 @@ def test_confusion_csv_and_png_from_counts(tmp_path):
     matrix = np.array([[5, 1, 0], [0, 3, 2], [0, 0, 0]])
     reporting.write_confusion_csv(tmp_path / "cm.csv", matrix, ["a", "b", "c"])
     rows = list(csv.reader((tmp_path / "cm.csv").open()))
-    assert rows == [["true \\ predicted", "a", "b", "c"], ["a", "5", "1", "0"], ["b", "0", "3", "2"], ["c", "0", "0", "0"]]
+    assert rows == [["true \\ predicted", "a", "b", "c"], ["a", "5", "1", "0"], ["b", "0", "3", "2"], ["c", "0", "0",
+                                                                                                       "0"]]
     reporting.render_confusion_png(tmp_path / "cm.png", matrix, ["a", "b", "c"], title="t")  # empty row: no NaN
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     chart = reporting.wandb_confusion_chart(matrix, ["a", "b", "c"], "t")
@@ -169,7 +170,8 @@ def test_progress_lines_every_tenth_with_eta():
         progress(done, 20)
     assert len(progress.lines) == 10
     assert progress.lines[0].startswith("full-scene prediction: 10 % (2/20), ")
-    assert progress.lines[-1].startswith("full-scene prediction: 100 % (20/20)") and progress.lines[-1].endswith("ETA 0.0 s")
+    assert progress.lines[-1].startswith("full-scene prediction: 100 % (20/20)")
+    assert progress.lines[-1].endswith("ETA 0.0 s")
     odd = reporting.Progress("bank", bar=False, every=0.25)
     for done in range(1, 8):
         odd(done, 7)

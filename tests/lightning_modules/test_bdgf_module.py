@@ -10,28 +10,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import pytest
+import rasterio
 import torch
 import yaml
 
-from rsfusion.datamodules.feature_bank import load_bank
-from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
+from rsfusion.datamodules.feature_bank import array_digest, cache_key, load_bank
+from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import ensure_scene
 from rsfusion.lightning_modules import BDGF, BDGFPretrain
-from rsfusion.datamodules.feature_bank import array_digest, cache_key
-from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
-from rsfusion.lightning_modules.bdgf import (FEATURE_KEY, BDGFDiffusion, load_ddpm_payload, payload_digest,
-                                    pretrain_ddpm, resolve_ddpm_config)
+from rsfusion.lightning_modules.bdgf import (
+    FEATURE_KEY,
+    BDGFDiffusion,
+    load_ddpm_payload,
+    payload_digest,
+    pretrain_ddpm,
+    resolve_ddpm_config,
+)
+from tests.conftest import ROOT, TINY_BDGF_NET, TINY_DDPM, tiny_bdgf_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["bdgf_synthetic", "bdgf_augsburg", "bdgf_pretrain_augsburg", "bdgf_pretrain_synthetic", "bdgf_berlin",
            "bdgf_yellow_river_template", "bdgf_lcz_hk_template"]
-TINY_DDPM = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], stem_channels=4,
-                 norm_groups=4, dropout=0.0, num_timesteps=50, mask_window=2)
-TINY_NET = dict(dim=16, proj_dim=8, mamba_kwargs={"d_state": 4}, transformer_kwargs={"heads": 2})
+TINY_NET = TINY_BDGF_NET
 CHANNELS = {"hsi": 6, "sar": 2}
 PATCH = 5
 
@@ -291,7 +294,8 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
     config["model"]["init_args"].update(ddpm=TINY_DDPM)
-    config["data"]["class_path"] = "rsfusion.datamodules.RasterDataModule"  # the scene's own files, not a release layout
+    # the scene's own files, not a release layout
+    config["data"]["class_path"] = "rsfusion.datamodules.RasterDataModule"
     config["data"]["init_args"] = {"modalities": {"hsi": str(scene_paths["hsi"]), "sar": str(scene_paths["sar"])},
                                    "train_labels": str(scene_paths["train"]), "test_labels": str(scene_paths["test"]),
                                    "val_labels": str(scene_paths["val"]), "patch_size": 8, "batch_size": 4,
@@ -342,24 +346,9 @@ def _test_oa(stdout: str) -> str | None:
     return None
 
 
-def _tiny_synthetic_config(tmp_path: Path, cache: Path) -> Path:
-    config = yaml.safe_load((ROOT / "configs" / "bdgf_synthetic.yaml").read_text())
-    model = config["model"]["init_args"]
-    model.update(cache_dir=str(cache), ddpm=TINY_DDPM, pretrain_steps=3, pretrain_batch_size=4, pretrain_tile=8,
-                 feature_levels=[0, 1], guide_levels={"cnn": 0, "mamba": 1, "transformer": 1}, feature_timesteps=[5],
-                 feature_tile=8, feature_overlap=4, **TINY_NET)
-    config["data"]["init_args"].update(root=str(tmp_path / "scene"), scene_height=16, scene_width=16,
-                                       train_per_class=6, patch_size=PATCH, batch_size=16, pca={"hsi": 4})
-    config["trainer"].update(max_epochs=1, limit_train_batches=2, default_root_dir=str(tmp_path / "runs"),
-                             enable_progress_bar=False, enable_model_summary=False)
-    path = tmp_path / "bdgf.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     cache = tmp_path / "cache"
-    config = _tiny_synthetic_config(tmp_path, cache)
+    config = tiny_bdgf_config(tmp_path, cache)
     first = _run([_script(), "fit", "--config", str(config)], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no cached DDPM" in first.stderr and "BDGF stage 1: 3 steps done on 1 process(es) in " in first.stderr
@@ -441,7 +430,8 @@ def test_configs_parse_without_their_data(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
-    assert model["class_path"] == ("rsfusion.lightning_modules.BDGFPretrain" if "pretrain" in name else "rsfusion.lightning_modules.BDGF")
+    task = "BDGFPretrain" if "pretrain" in name else "BDGF"
+    assert model["class_path"] == f"rsfusion.lightning_modules.{task}"
     data = printed["data"]["init_args"]
     assert model["init_args"]["ddpm"]["masked_target"] == "x0"  # the corrected stage-1 objective, spelt out
     if "template" in name:  # your own rasters, relative paths

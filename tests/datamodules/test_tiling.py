@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from rsfusion.datamodules.tiling import (covering_tiles, grid_windows, padded_shape, random_origins, sliding_tiles,
-                                         strided_tiles)
+from rsfusion.datamodules.tiling import (
+    covering_tiles,
+    grid_windows,
+    padded_shape,
+    random_origins,
+    sliding_tiles,
+    strided_tiles,
+)
 
 
 @pytest.mark.parametrize("shape,tile", [((70, 45), 32), ((20, 13), 32), ((64, 64), 32), ((33, 31), 8)])

@@ -11,11 +11,8 @@ import torch
 
 from rsfusion.datamodules.io import InputError
 from rsfusion.lightning_modules import M3amba
+from tests.conftest import TINY_M3AMBA as TINY
 from tests.conftest import tiny_config
-
-TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                 patch_size=8, projection_dim=8)
-TINY = dict(dims=16, depth=1, d_state=2, ssm_ratio=1.0, drop_path_rate=0.0, clip_config=TINY_CLIP)
 
 
 def _model(**kw):

@@ -12,8 +12,14 @@ import torch
 import yaml
 from scipy.spatial.distance import cdist
 
-from rsfusion.datamodules import AugsburgDataModule, InputError, RasterDataModule, RasterError
-from rsfusion.datamodules.splits import per_class_quota, per_class_split, pixels_inside_patches, remap_labels, sample_per_class
+from rsfusion.datamodules import InputError, RasterDataModule, RasterError
+from rsfusion.datamodules.splits import (
+    per_class_quota,
+    per_class_split,
+    pixels_inside_patches,
+    remap_labels,
+    sample_per_class,
+)
 from tests.conftest import CONFIGS, write_tif
 
 AUGSBURG = ["Forest", "Residential area", "Industrial area", "Low plants", "Allotment", "Commercial area", "Water"]
@@ -160,7 +166,8 @@ def test_per_class_protocol_on_a_single_map_reports_the_guard(scene, caplog):
     np.testing.assert_array_equal(dm.label_maps["test"], test)
     assert not dm.has_validation and "val" not in dm.label_maps
     np.testing.assert_array_equal(dm.guard_removed, np.bincount(removed.ravel(), minlength=8)[1:])
-    assert f"Guard band of 3 px around the training pixels removed {int((removed > 0).sum())} test pixels" in caplog.text
+    removed_count = int((removed > 0).sum())
+    assert f"Guard band of 3 px around the training pixels removed {removed_count} test pixels" in caplog.text
     assert "training pixels class 1 20, class 2 20, class 3 20, class 4 20, class 5 20, class 6 3, class 7 0" \
         in caplog.text
     dm.setup("fit")

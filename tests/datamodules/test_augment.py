@@ -13,7 +13,7 @@ import yaml
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.augment import BatchAugmenter, batch_generator, dihedral
 from rsfusion.datamodules.io import InputError
-from tests.conftest import CONFIGS, tiny_config, write_tif
+from tests.conftest import tiny_config, write_tif
 
 H, W, R = 32, 40, 4  # PAN at 4x
 

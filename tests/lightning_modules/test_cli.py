@@ -13,9 +13,7 @@ import pytest
 import rasterio
 import yaml
 
-from tests.conftest import tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, tiny_config
 
 
 def _script(name: str) -> str:

@@ -16,10 +16,10 @@ import torch
 from rsfusion.datamodules.scene import Normalizer
 from rsfusion.lightning_modules.cli import main
 from rsfusion.lightning_modules.export import FEATURE_KEY, load_checkpoint
-from tests.conftest import tiny_config
-from tests.test_bdgf_module import TINY_DDPM, TINY_NET
-from tests.test_das2f_module import TINY as DAS2F_TINY
-from tests.test_m3amba_module import TINY as M3AMBA_TINY
+from tests.conftest import TINY_BDGF_NET as TINY_NET
+from tests.conftest import TINY_DAS2F as DAS2F_TINY
+from tests.conftest import TINY_DDPM, tiny_config
+from tests.conftest import TINY_M3AMBA as M3AMBA_TINY
 
 # float32 end to end, same ops; the scan and ONNX Runtime's kernels sum in other orders
 TORCH_ATOL, ONNX_ATOL = 1e-5, 1e-4

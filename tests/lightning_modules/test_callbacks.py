@@ -10,8 +10,14 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from rsfusion.datamodules import SyntheticDataModule
-from rsfusion.lightning_modules import (ClassificationMapWriter, LeakageReport, RNGStateCapture, TestReport,
-                                        TwoBranchCNN, default_callbacks)
+from rsfusion.lightning_modules import (
+    ClassificationMapWriter,
+    LeakageReport,
+    RNGStateCapture,
+    TestReport,
+    TwoBranchCNN,
+    default_callbacks,
+)
 from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
 from tests.conftest import CONFIGS
 
@@ -64,7 +70,8 @@ def test_default_callbacks_in_a_python_trainer_report_resume_and_map(tmp_path):
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == int((dm.label_maps["test"] > 0).sum())
 
     metrics = list(csv.DictReader((log_dir / "metrics.csv").open()))
-    leakage = [float(r["data/test_pixels_in_train_patches"]) for r in metrics if r.get("data/test_pixels_in_train_patches")]
+    key = "data/test_pixels_in_train_patches"
+    leakage = [float(r[key]) for r in metrics if r.get(key)]
     assert leakage == [float(dm.leakage)]
 
     out = model.predict_step(next(iter(dm.test_dataloader())), 0)

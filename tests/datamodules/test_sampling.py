@@ -8,8 +8,8 @@ from torch.utils.data import DistributedSampler
 
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.io import Raster, read_raster
-from rsfusion.datamodules.sampling import IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset
 from rsfusion.datamodules.normalization import fit_normalizers, in_memory_reader, sampled
+from rsfusion.datamodules.sampling import IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, TileDataset
 from rsfusion.datamodules.scene import Scene
 from rsfusion.datamodules.splits import block_split, pixels_inside_patches
 from tests.conftest import write_tif
@@ -122,7 +122,8 @@ def test_clip_percentiles_of_a_large_scene_come_from_a_seeded_sample_of_fixed_pi
     assert 400 < chosen.sum() < 600
     assert not np.array_equal(chosen, sampled(np.zeros(4000, dtype=np.int64), cols, 4000, 500 / 4000, seed=4))
     whole = _fit(pixels, "none", clip=5.0, seed=3)
-    windows = _fit(pixels, "none", clip=5.0, seed=3, windows=[(0, 1, c, min(c + 333, 4000)) for c in range(0, 4000, 333)])
+    windows = _fit(pixels, "none", clip=5.0, seed=3, windows=[(0, 1, c, min(c + 333, 4000)) for c in range(0, 4000,
+                                                                                                           333)])
     want = np.percentile(pixels[0, chosen], [5, 95])  # the percentiles of exactly the sampled pixels
     np.testing.assert_allclose([whole.stats.lo[0], whole.stats.hi[0]], want, rtol=1e-6)
     np.testing.assert_array_equal(windows.stats.lo, whole.stats.lo)
@@ -327,7 +328,8 @@ def test_the_cli_run_orders_and_augments_training_batches_by_the_data_seed(tmp_p
     assert isinstance(sampler, EpochShuffleSampler) and sampler.seed == order_seed
     n = len(dm.train_dataset)
     sampler.set_epoch(1)
-    assert list(sampler) == torch.randperm(n, generator=torch.Generator().manual_seed(order_seed * 1_000_003 + 1)).tolist()
+    generator = torch.Generator().manual_seed(order_seed * 1_000_003 + 1)
+    assert list(sampler) == torch.randperm(n, generator=generator).tolist()
 
     seeds = []
     monkeypatch.setattr("rsfusion.datamodules.raster.batch_generator",

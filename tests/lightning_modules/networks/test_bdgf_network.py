@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rsfusion.lightning_modules.bdgf_features import extract_feature_cube, feature_cube_channels, scene_noise
+from rsfusion.lightning_modules.bdgf_pretrain import ModalityMaskingController
 from rsfusion.lightning_modules.networks.bdgf import (
     BDGFNet,
     CNNBranch,
@@ -15,8 +17,6 @@ from rsfusion.lightning_modules.networks.bdgf import (
     feature_similarity_loss,
     warmup_weight,
 )
-from rsfusion.lightning_modules.bdgf_features import extract_feature_cube, feature_cube_channels, scene_noise
-from rsfusion.lightning_modules.bdgf_pretrain import ModalityMaskingController
 from rsfusion.lightning_modules.networks.bdgf_diffusion import (
     DiffusionSchedule,
     MultimodalDenoiserUNet,
@@ -495,7 +495,7 @@ def test_bdgf_net_outputs_and_ensemble():
         assert out.projections[b].shape == (4, 8)
         torch.testing.assert_close(out.projections[b].norm(dim=1), torch.ones(4))
     probs = net.predict_proba(patches(), guides())
-    expected = sum(torch.softmax(l, -1) for l in out.logits.values()) / 3
+    expected = sum(torch.softmax(z, -1) for z in out.logits.values()) / 3
     torch.testing.assert_close(probs, expected)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(4))
 

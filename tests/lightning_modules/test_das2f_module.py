@@ -11,9 +11,8 @@ import torch
 
 from rsfusion.datamodules.io import InputError
 from rsfusion.lightning_modules import DAS2F
+from tests.conftest import TINY_DAS2F as TINY
 from tests.conftest import tiny_config
-
-TINY = dict(d_model=16, d_state=4, dt_rank=4, head_hidden=16)
 
 
 def test_recipe_defaults_and_step_decay():

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from rsfusion.kernels import selective_scan, selective_scan_ref
 from rsfusion.lightning_modules.networks import das2f
 from rsfusion.lightning_modules.networks.das2f import (
-    Aalf, AttentionAwareFusion, CrossSpvm, DAS2FNet, Spvm, SpvmBlock, pixel_shuffle_tokens)
+    Aalf,
+    AttentionAwareFusion,
+    CrossSpvm,
+    DAS2FNet,
+    Spvm,
+    SpvmBlock,
+    pixel_shuffle_tokens,
+)
 
 # A narrow network on a 4x4 MS / 16x16 PAN patch: same graph, small enough for CPU backward passes.
 SMALL = dict(ms_patch_size=4, d_model=32, d_state=8, dt_rank=4, head_hidden=32)

@@ -16,7 +16,7 @@ import rasterio
 
 from rsfusion.datamodules.synthetic import HSI_CLASSES, ensure_scene
 from rsfusion.lightning_modules.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import CONFIGS, tiny_config
 
 DATA = dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5, batch_size=32)
 
@@ -86,7 +86,8 @@ def test_the_data_options_come_from_the_checkpoint_and_the_user_wins(trained, ca
             raise Parsed(self.config["predict"]["data"])
 
     with pytest.raises(Parsed) as parsed:
-        Probe(**cli_kwargs(), args=["predict", "--ckpt_path", str(ckpt), "--data", _modalities(dsm=b["dsm"], hsi=b["hsi"]),
+        Probe(**cli_kwargs(), args=["predict", "--ckpt_path", str(ckpt), "--data", _modalities(dsm=b["dsm"],
+                                                                                               hsi=b["hsi"]),
                                     "--data.init_args.batch_size", "7"])
     data = parsed.value.args[0]
     assert data["class_path"] == "rsfusion.datamodules.RasterDataModule"
@@ -263,7 +264,7 @@ def test_the_shipped_predict_config_maps_the_readme_scene(trained, tmp_path, mon
     (tmp_path / "runs" / "demo" / "version_0" / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpt, tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt")
     scene = make_scene.main(["--seed", "1", "--height", "100", "--width", "140"])
-    main(["predict", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "predict" / "new_scene.yaml"),
+    main(["predict", "--config", str(CONFIGS / "predict" / "new_scene.yaml"),
           "--trainer.enable_progress_bar", "false"])
     maps = tmp_path / "runs" / "scene_b" / "version_0" / "predictions"
     with rasterio.open(maps / "classification_map.tif") as src, rasterio.open(scene["hsi"]) as hsi:

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from rsfusion.lightning_modules.networks.m3amba import (
-    CrossSS2D, CrossVSSBlock, M3ambaNet)
+from rsfusion.lightning_modules.networks.m3amba import CrossSS2D, CrossVSSBlock, M3ambaNet
 
 TINY = dict(hsi_channels=5, aux_channels=2, num_classes=3, dims=8, depth=2, d_state=4,
             image_size=6)

@@ -4,7 +4,6 @@ import logging
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,59 +11,7 @@ import torch
 from rsfusion import kernels
 from rsfusion.kernels import selective_scan, selective_scan_ref
 from rsfusion.kernels.dispatch import ENV_VAR, _mamba_selective_scan_fn, check_backend, resolve_backend
-
-ROOT = Path(__file__).resolve().parents[1]
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The one reference (kernels/reference.py, a step-by-step loop) on the inputs upcast to float64:
-    (out, last state), differentiable with respect to float64 leaves."""
-    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    doubled = {k: v if v is None else v.double() for k, v in inputs.items()}
-    return selective_scan_ref(**doubled, delta_softplus=delta_softplus, return_last_state=True)
-
-
-def make_inputs(batch, dim, length, nstate, groups=None, extras=True, dtype=torch.float32, seed=0):
-    """mamba's test distribution (spec §1.6); groups=None gives 3-D B/C."""
-    gen = torch.Generator().manual_seed(seed)
-    bc_shape = (batch, nstate, length) if groups is None else (batch, groups, nstate, length)
-
-    def rand(*shape, scale=1.0, normal=True):
-        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
-        return (t * scale).to(dtype)
-
-    inputs = {
-        "u": rand(batch, dim, length),
-        "delta": rand(batch, dim, length, scale=0.5, normal=False),
-        "A": -0.5 * torch.rand(dim, nstate, generator=gen).to(dtype if dtype == torch.float64 else torch.float32),
-        "B": rand(*bc_shape),
-        "C": rand(*bc_shape),
-    }
-    if extras:
-        weight = dtype if dtype == torch.float64 else torch.float32
-        inputs["D"] = torch.randn(dim, generator=gen).to(weight)
-        inputs["z"] = rand(batch, dim, length)
-        inputs["delta_bias"] = (0.5 * torch.rand(dim, generator=gen)).to(weight)
-    return inputs
-
-
-def run_with_grads(fn, inputs, grad_out, **kwargs):
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    out, last = fn(**leaves, return_last_state=True, **kwargs)
-    (out.double() * grad_out).sum().backward()
-    return out, last, {k: v.grad for k, v in leaves.items()}
-
-
-def oracle_with_grads(inputs, grad_out, delta_softplus):
-    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    out, last = oracle(**leaves, delta_softplus=delta_softplus)
-    (out * grad_out).sum().backward()
-    return out, last, {k: v.grad for k, v in leaves.items()}
-
-
-def assert_close(actual, expected, name, rtol=1e-4, atol=1e-4):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+from tests.conftest import GRAD_NAMES, ROOT, assert_close, make_inputs, oracle, oracle_with_grads, run_with_grads
 
 
 def assert_torch_backend_matches_oracle(inputs, grad_out, softplus, rtol=1e-4, atol=1e-4):
@@ -154,7 +101,8 @@ def test_reference_matches_the_recurrence_worked_by_hand():
 
 def test_the_benchmark_baseline_mamba_ssm_algorithm_matches_the_reference():
     """benchmarks/selective_scan.py times mamba-ssm's einsum-materialised algorithm: same values and gradients."""
-    spec = importlib.util.spec_from_file_location("_benchmark_selective_scan", ROOT / "benchmarks" / "selective_scan.py")
+    spec = importlib.util.spec_from_file_location("_benchmark_selective_scan",
+                                                  ROOT / "benchmarks" / "selective_scan.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     inputs = make_inputs(2, 8, 23, 5, groups=4, extras=True)

@@ -6,9 +6,9 @@ import pytest
 
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.normalization import fit_normalizers
 from rsfusion.datamodules.scene import load_scene
 from rsfusion.datamodules.tiling import grid_windows
-from rsfusion.datamodules.normalization import fit_normalizers
 from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset
 from tests.conftest import write_tif
 

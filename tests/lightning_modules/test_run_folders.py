@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 DEMO = str(ROOT / "configs" / "demo.yaml")
 NOISE = ("LeafSpec", "Tip: For seamless cloud", "multiple `ModelCheckpoint`")
 
