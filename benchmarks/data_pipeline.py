@@ -41,9 +41,11 @@ def main() -> None:
             if i + 1 >= args.batches:
                 break
         dt = time.perf_counter() - t0
-        rows.append(("training DataLoader", f"{n / dt:,.0f} samples/s", f"batch {args.batch_size}, patch {args.patch_size}"))
+        rows.append(("training DataLoader", f"{n / dt:,.0f} samples/s",
+                     f"batch {args.batch_size}, patch {args.patch_size}"))
 
-        model = TwoBranchCNN(in_channels=dm.in_channels, num_classes=dm.num_classes, class_names=dm.class_names, width=32)
+        model = TwoBranchCNN(in_channels=dm.in_channels, num_classes=dm.num_classes, class_names=dm.class_names,
+                             width=32)
         writer = ClassificationMapWriter(output_dir=root + "/maps")
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer],
                             enable_model_summary=False, default_root_dir=root)

@@ -1,6 +1,12 @@
 """LightningDataModules that tile co-registered multimodal rasters into patches."""
-from rsfusion.datamodules.benchmarks import (AugsburgDataModule, BerlinDataModule, Houston2013DataModule, MSPanDataModule,
-                                    MUUFLDataModule, TrentoDataModule)
+from rsfusion.datamodules.benchmarks import (
+                                    AugsburgDataModule,
+                                    BerlinDataModule,
+                                    Houston2013DataModule,
+                                    MSPanDataModule,
+                                    MUUFLDataModule,
+                                    TrentoDataModule,
+)
 from rsfusion.datamodules.io import InputError, RasterError
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import SyntheticDataModule

@@ -43,7 +43,8 @@ def dihedral_index_maps(n: int, device: torch.device | str = "cpu") -> Tensor:
 
 
 def dihedral(x: Tensor, codes: Tensor) -> Tensor:
-    """Transform each sample ``x[b]`` (..., n, n) by the dihedral code ``codes[b]`` (see :func:`dihedral_index_maps`)."""
+    """Transform each sample ``x[b]`` (..., n, n) by the dihedral code ``codes[b]``
+    (see :func:`dihedral_index_maps`)."""
     n = x.shape[-1]
     if x.shape[-2] != n:
         raise ValueError(f"flips and rotations need square patches, got {tuple(x.shape[-2:])}")

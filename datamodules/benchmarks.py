@@ -93,7 +93,8 @@ class BenchmarkDataModule(RasterDataModule):
             alternatives = [f"{r}: {' or '.join(c.split(':')[0] for c in cls.files[r])}"
                             for r in ("train", "test") if r in cls.files and r not in found]
             if "labels" in cls.files:
-                alternatives[-1] += f" (or a full ground truth: {' or '.join(c.split(':')[0] for c in cls.files['labels'])})"
+                full = " or ".join(c.split(":")[0] for c in cls.files["labels"])
+                alternatives[-1] += f" (or a full ground truth: {full})"
             missing += alternatives
         if missing:
             raise InputError(f"{base}: {cls.name} files not found ({'; '.join(missing)})")

@@ -31,7 +31,8 @@ def input_options(dm) -> dict[str, Any]:
     options = {key: hp.get(key) for key in INPUT_KEYS if key in hp}
     options.update(sampling=dm.sampling, patch_size=dm.patch_size, batch_size=dm.batch_size,
                    eval_batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
-                   allow_even_patch=bool(hp.get("allow_even_patch") or (dm.sampling == "pixel" and dm.patch_size % 2 == 0)))
+                   allow_even_patch=bool(hp.get("allow_even_patch")
+                                         or (dm.sampling == "pixel" and dm.patch_size % 2 == 0)))
     return {**options, "class_names": list(dm.class_names), "palette": [list(c) for c in dm.palette],
             "modality_bands": [[name, int(bands)] for name, bands in dm._bands.items()],
             "in_channels": [[name, int(c)] for name, c in dm.in_channels.items()]}

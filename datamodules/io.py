@@ -16,8 +16,8 @@ import rasterio
 import rasterio.enums
 import rasterio.shutil
 import rasterio.windows
-from rasterio.errors import RasterioError
 from affine import Affine
+from rasterio.errors import RasterioError
 
 LABEL_KEYS = ("label", "labels", "gt", "TRLabel", "TSLabel", "mask_train", "mask_test",
               "trainlabels", "testlabels", "TrainImage", "TestImage")
@@ -303,7 +303,8 @@ class GeoTiffWriter:
 
     ``count`` bands of ``dtype`` (``float16`` is stored as GDAL's half-precision float32, NBITS=16,
     and reads back as float32), with optional band ``descriptions``, dataset ``tags``, a colour
-    table, a GDAL ``scale`` (value x scale = physical value) and ``category_names`` (the label of each pixel value from 0, what QGIS shows as the legend
+    table, a GDAL ``scale`` (value x scale = physical value) and ``category_names`` (the label of each pixel value
+    from 0, what QGIS shows as the legend
     of a paletted raster; GDAL keeps them in the ``.aux.xml`` sidecar). ``cog``: the finished file
     is a Cloud-Optimised GeoTIFF (GDAL's COG driver, 256-pixel tiles, overviews resampled with
     ``resampling``), copied from the strip-written GeoTIFF so memory stays bounded by GDAL's cache.

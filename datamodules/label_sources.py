@@ -42,7 +42,8 @@ class ClassMap:
         if outside.any():
             i = int(np.flatnonzero(outside)[0])
             raise RasterError(f"{path}: {int(outside.sum())} coordinates fall outside the {h} x {w} scene (first: "
-                              f"row {coords[i, 0]}, col {coords[i, 1]}, read as {self.base}-based; see coordinate_base)")
+                              f"row {coords[i, 0]}, col {coords[i, 1]}, read as {self.base}-based; "
+                              "see coordinate_base)")
         values = self.labels[rc[:, 0], rc[:, 1]]
         if (values == 0).any():
             i = int(np.flatnonzero(values == 0)[0])
@@ -65,7 +66,8 @@ def read_split_labels(ref: RasterHeader, path: str, num_classes: int | None, unl
     header = read_header(path)
     if is_coordinate_list(header, ref):
         if class_map is None:
-            raise RasterError(f"{path}: a {header.shape[0]} x 2 array, not a {ref.shape[0]} x {ref.shape[1]} label map: "
+            raise RasterError(f"{path}: a {header.shape[0]} x 2 array, not a {ref.shape[0]} x {ref.shape[1]} "
+                              "label map: "
                               "if it lists (row, col) coordinates, give class_map (the full label map they index)")
         return class_map.rasterise(path, read_raster(path).data[0])
     check_label_grid(ref, path)

@@ -12,7 +12,8 @@ from rsfusion.datamodules.synthetic import ensure_scene
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m rsfusion.datamodules.make_scene", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rsfusion.datamodules.make_scene",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="hsi_dsm", choices=["hsi_dsm", "hsi_sar", "ms_pan"])
     parser.add_argument("--seed", type=int, default=0, help="the scene generator's seed (default 0)")
     parser.add_argument("--root", default="data/synthetic", help="files go to <root>/<kind>-seed<seed>/")

@@ -8,21 +8,33 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
 from rsfusion.datamodules.checkpoint_inputs import check_modalities, input_options
 from rsfusion.datamodules.io import InputError, RasterError, is_gdal_raster, read_header
-from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
 from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
-from rsfusion.datamodules.sampling import (IGNORE_INDEX, ClassBalancedSampler, EpochShuffleSampler, PixelPatchDataset,
-                                  TileDataset, balanced_classes, collate)
 from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers
-from rsfusion.datamodules.scene import (PadMode, Scene, borrow_georeferencing, grid_ratios,
-                               load_scene, reference_header)
-from rsfusion.datamodules.splits import (block_split, check_per_class, per_class_split, pixels_inside_patches, remap_labels,
-                               sample_per_class)
+from rsfusion.datamodules.sampling import (
+    IGNORE_INDEX,
+    ClassBalancedSampler,
+    EpochShuffleSampler,
+    PixelPatchDataset,
+    TileDataset,
+    balanced_classes,
+    collate,
+)
+from rsfusion.datamodules.scene import PadMode, Scene, borrow_georeferencing, grid_ratios, load_scene, reference_header
+from rsfusion.datamodules.splits import (
+    block_split,
+    check_per_class,
+    per_class_split,
+    pixels_inside_patches,
+    remap_labels,
+    sample_per_class,
+)
 from rsfusion.datamodules.tiling import covering_tiles, grid_windows, strided_tiles
 from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset
 
@@ -66,7 +78,8 @@ class RasterDataModule(L.LightningDataModule):
             unlabelled, 1..K = classes. Without ``val_labels`` a stratified validation split of
             ``val_fraction`` is taken from the training labels in spatial blocks of
             ``split_block_size`` pixels; ``val_fraction: 0`` keeps every training pixel for training,
-            runs no validation loop, and the run keeps its last epoch. No label map at all: a scene to predict only (``class_names``
+            runs no validation loop, and the run keeps its last epoch. No label map at all: a scene to predict only
+            (``class_names``
             then fixes K; ``lightning predict --ckpt_path`` takes them from the checkpoint).
         labels: a single label map instead of train/test maps: split into spatially disjoint blocks
             (``test_fraction`` for test), with a guard band of ``guard`` pixels (default: half a patch)
@@ -186,7 +199,8 @@ class RasterDataModule(L.LightningDataModule):
             raise InputError(f"patch_size must be positive, got {patch_size}")
         if sampling == "pixel" and patch_size % 2 == 0 and not allow_even_patch:
             raise InputError(f"patch_size {patch_size} is even: no pixel sits at the centre of the patch; use "
-                             f"{patch_size + 1}, or set allow_even_patch: true (pixel at index {(patch_size - 1) // 2})")
+                             f"{patch_size + 1}, or set allow_even_patch: true "
+                             f"(pixel at index {(patch_size - 1) // 2})")
         if predict_window is not None and predict_window < 1:
             raise InputError(f"predict_window must be a positive number of pixels, got {predict_window}")
         unlabelled = all(p is None for p in (labels, train_labels, test_labels, val_labels))
@@ -413,7 +427,8 @@ class RasterDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.label_maps is None and stage != "predict":
-            raise InputError(f"{getattr(stage, 'value', stage) or 'setup'} needs label maps: give train_labels and test_labels (or labels); "
+            raise InputError(f"{getattr(stage, 'value', stage) or 'setup'} needs label maps: give train_labels "
+                             "and test_labels (or labels); "
                              f"{', '.join(self.modalities.values())} without labels can only be predicted")
         if stage == "predict" and (self.hparams.predict_window or (self.scene is None and self.trainer is not None)):
             return  # read when prediction starts, after the checkpoint's normalisation is restored
@@ -426,8 +441,8 @@ class RasterDataModule(L.LightningDataModule):
             rank_zero_info(f"Leakage check: {self.leakage} of {total} test pixels ({100 * self.leakage / total:.1f}%) "
                            f"lie inside a training patch of size {self.patch_size}")
         if stage == "validate" and not self.has_validation:
-            raise InputError(f"{self.hparams.train_labels or self.hparams.labels}: no validation set (val_fraction is 0 "
-                             "and no val_labels): nothing to validate")
+            raise InputError(f"{self.hparams.train_labels or self.hparams.labels}: no validation set "
+                             "(val_fraction is 0 and no val_labels): nothing to validate")
         if stage in (None, "validate") and self.has_validation:
             self.val_dataset = self._dataset("val")
         if stage in (None, "test"):

@@ -46,7 +46,8 @@ class EpochShuffleSampler(DistributedSampler):
                  drop_last: bool = False):
         if num_replicas is None or rank is None:
             group = torch.distributed.is_available() and torch.distributed.is_initialized()
-            num_replicas = (torch.distributed.get_world_size() if group else 1) if num_replicas is None else num_replicas
+            if num_replicas is None:
+                num_replicas = torch.distributed.get_world_size() if group else 1
             rank = (torch.distributed.get_rank() if group else 0) if rank is None else rank
         super().__init__(range(length), num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.length = length
@@ -141,7 +142,8 @@ class TileDataset(Dataset):
 
     ``labels`` is the (H, W) map of 0-based classes with :data:`IGNORE_INDEX` for unlabelled pixels;
     pixels outside the image or before ``keep`` (owned by another tile) are ignored too, so each
-    labelled pixel is counted once when tiles come from :func:`~rsfusion.datamodules.tiling.covering_tiles`. Without labels
+    labelled pixel is counted once when tiles come from :func:`~rsfusion.datamodules.tiling.covering_tiles`. Without
+    labels
     (prediction) samples carry ``"origin"`` and the owned-pixel mask ``"owned"``.
     """
 

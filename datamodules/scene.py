@@ -22,7 +22,8 @@ def _grid_ratio(ref: RasterHeader, other: RasterHeader) -> int:
     if all(georef):
         for h in (ref, other):
             if abs(h.transform.b) > 1e-12 or abs(h.transform.d) > 1e-12:
-                raise RasterError(f"{h.path}: rotated or sheared geotransform is not supported; warp it to a north-up grid first")
+                raise RasterError(f"{h.path}: rotated or sheared geotransform is not supported; "
+                                  "warp it to a north-up grid first")
         if not same_crs(ref.crs, other.crs):
             raise RasterError(f"{names}: different CRS ({ref.crs} vs {other.crs}); reproject one onto the other's grid")
         rx, ry = ref.transform.a / other.transform.a, ref.transform.e / other.transform.e

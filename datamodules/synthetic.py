@@ -32,7 +32,8 @@ HSI_CLASSES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
 MSPAN_CLASSES = ["Dense urban", "Sparse urban", "Meadow", "Crops", "Bare soil", "Water"]
 
 
-def _regions(shape: tuple[int, int], num_classes: int, rng: np.random.Generator, cells_per_class: int = 4) -> np.ndarray:
+def _regions(shape: tuple[int, int], num_classes: int, rng: np.random.Generator,
+             cells_per_class: int = 4) -> np.ndarray:
     """Spatially coherent class regions: Voronoi cells with wobbly borders, classes 1..K."""
     h, w = shape
     n = num_classes * cells_per_class
@@ -159,7 +160,8 @@ def make_mspan_scene(root: str | Path, height: int = 64, width: int = 80, ratio:
              "test": root / "test.npy"}
     write_geotiff(paths["ms"], to_dn(ms), CRS_UTM32N, from_origin(500_000.0, 4_000_000.0, 4.0, 4.0),
                   descriptions=["blue", "green", "red", "nir"])
-    write_geotiff(paths["pan"], to_dn(pan)[None], CRS_UTM32N, from_origin(500_000.0, 4_000_000.0, 4.0 / ratio, 4.0 / ratio))
+    write_geotiff(paths["pan"], to_dn(pan)[None], CRS_UTM32N, from_origin(500_000.0, 4_000_000.0, 4.0 / ratio,
+                                                                          4.0 / ratio))
     for key, labels in (("train", train), ("val", val), ("test", test)):
         with atomic_path(paths[key]) as tmp:
             with open(tmp, "wb") as f:

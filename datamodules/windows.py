@@ -3,7 +3,8 @@
 The scene is never held whole: each window (plus a halo of ``pad`` pixels) is read from disk,
 normalised and cut into samples when its first sample is asked for. Windows reproduce the in-memory
 scene exactly: the halo comes from the neighbouring pixels and the scene edge is padded like
-:func:`~rsfusion.datamodules.scene.load_scene` (reflect or zero, ``pad_mode``). Normalisation statistics come from the checkpoint, the loaded
+:func:`~rsfusion.datamodules.scene.load_scene` (reflect or zero, ``pad_mode``). Normalisation statistics come from
+the checkpoint, the loaded
 scene, or :func:`~rsfusion.datamodules.normalization.fit_normalizers` fed the windows
 (:meth:`SceneSource.read`).
 """
@@ -17,11 +18,10 @@ import torch
 from torch.utils.data import Dataset
 
 from rsfusion.datamodules.io import read_raster
-from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset
 from rsfusion.datamodules.normalization import Normalizer
+from rsfusion.datamodules.sampling import PixelPatchDataset, TileDataset
 from rsfusion.datamodules.scene import PadMode, Scene, pad_edges
 from rsfusion.datamodules.tiling import Window, coarse_valid, covering_tiles, grid_windows
-
 
 
 @dataclass

@@ -5,9 +5,15 @@
 * ``cross_scan`` / ``cross_merge``: VMamba's four-direction SS2D routing, with hand-written backward.
 """
 from rsfusion.kernels.cross_scan import cross_merge, cross_scan
-from rsfusion.kernels.reference import selective_scan_ref
 from rsfusion.kernels.dispatch import (
-    BACKENDS, ENV_VAR, available_backends, check_backend, resolve_backend, selective_scan)
+    BACKENDS,
+    ENV_VAR,
+    available_backends,
+    check_backend,
+    resolve_backend,
+    selective_scan,
+)
+from rsfusion.kernels.reference import selective_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "available_backends",
            "check_backend", "resolve_backend", "BACKENDS", "ENV_VAR"]

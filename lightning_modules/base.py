@@ -12,8 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassCohenKappa,
-                                         MulticlassConfusionMatrix)
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa, MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from rsfusion.datamodules.checkpoint_inputs import check_modalities

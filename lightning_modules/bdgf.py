@@ -41,18 +41,40 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from rsfusion.datamodules.feature_bank import (array_digest, bank_patches, cache_key, external_bank_channels,
-                                               load_bank, open_bank, read_external_bank, save_bank)
+from rsfusion.datamodules.feature_bank import (
+    array_digest,
+    bank_patches,
+    cache_key,
+    external_bank_channels,
+    load_bank,
+    open_bank,
+    read_external_bank,
+    save_bank,
+)
 from rsfusion.datamodules.io import InputError, atomic_path
 from rsfusion.datamodules.pretrain_tiles import unpadded_modalities
 from rsfusion.datamodules.sampling import IGNORE_INDEX
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
-from rsfusion.lightning_modules.bdgf_pretrain import (_DENOISER_KEYS, PAYLOAD_FORMAT, STAGE1_OBJECTIVE_VERSION,
-                                                      BDGFDiffusion, BDGFPretrain, load_ddpm_payload, payload_digest, pretrain_ddpm,
-                                                      resolve_ddpm_config)
-from rsfusion.lightning_modules.networks.bdgf import (BRANCHES, DEFAULT_GUIDE_LEVELS, BDGFNet, BDGFOutput, bdgf_loss,
-                                                      warmup_weight)
 from rsfusion.lightning_modules.bdgf_features import build_feature_bank, feature_cube_channels
+from rsfusion.lightning_modules.bdgf_pretrain import (
+    _DENOISER_KEYS,
+    PAYLOAD_FORMAT,
+    STAGE1_OBJECTIVE_VERSION,
+    BDGFDiffusion,
+    BDGFPretrain,
+    load_ddpm_payload,
+    payload_digest,
+    pretrain_ddpm,
+    resolve_ddpm_config,
+)
+from rsfusion.lightning_modules.networks.bdgf import (
+    BRANCHES,
+    DEFAULT_GUIDE_LEVELS,
+    BDGFNet,
+    BDGFOutput,
+    bdgf_loss,
+    warmup_weight,
+)
 from rsfusion.lightning_modules.networks.bdgf_diffusion import MultimodalDenoiserUNet
 
 __all__ = ["BDGF", "BDGFPretrain", "BDGFDiffusion", "FEATURE_KEY", "pretrain_ddpm", "load_ddpm_payload",
@@ -405,8 +427,9 @@ class BDGF(FusionClassifier):
         self._build_or_load_bank(scene)
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
+            sources = ", ".join(f"{what} {how}" for what, how in self._sources.items())
             logging.getLogger("lightning.pytorch").info(
-                f"BDGF rank {trainer.global_rank}: " + ", ".join(f"{what} {how}" for what, how in self._sources.items()).replace(" cache", " read from the cache"))
+                f"BDGF rank {trainer.global_rank}: " + sources.replace(" cache", " read from the cache"))
 
     def _build_or_load_bank(self, scene) -> None:
         hp = self.hparams

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from rsfusion.lightning_modules.networks.bdgf_diffusion import (DiffusionSchedule, MultimodalDenoiserUNet,
-                                                                _check_choice)
+from rsfusion.lightning_modules.networks.bdgf_diffusion import DiffusionSchedule, MultimodalDenoiserUNet, _check_choice
 
 __all__ = ["BLENDS", "TIMESTEP_REDUCTIONS", "build_feature_bank", "extract_feature_cube", "feature_cube_channels",
            "scene_noise"]

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -32,10 +32,17 @@ from torch.utils.data import DataLoader
 from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
-from rsfusion.lightning_modules.networks.bdgf_diffusion import (MASKED_TARGETS, DiffusionSchedule, MultimodalDenoiserUNet,
-                                                                _check_choice, ddpm_training_loss, draw_channel_mask)
+from rsfusion.lightning_modules.networks.bdgf_diffusion import (
+    MASKED_TARGETS,
+    DiffusionSchedule,
+    MultimodalDenoiserUNet,
+    _check_choice,
+    ddpm_training_loss,
+    draw_channel_mask,
+)
 
-__all__ = ["BDGFDiffusion", "BDGFPretrain", "ModalityMaskingController", "DDPM_DEFAULTS", "STAGE1_OBJECTIVE_VERSION", "denoiser_from_payload",
+__all__ = ["BDGFDiffusion", "BDGFPretrain", "ModalityMaskingController", "DDPM_DEFAULTS", "STAGE1_OBJECTIVE_VERSION",
+           "denoiser_from_payload",
            "load_ddpm_payload", "payload_digest", "pretrain_ddpm", "resolve_ddpm_config"]
 
 PAYLOAD_FORMAT = "rsfusion-bdgf-ddpm-v2"
@@ -350,7 +357,8 @@ class BDGFPretrain(FusionClassifier):
     EMA losses and imbalance ratios (``train/ema_loss/<m>``, ``train/rho/<m>``), each modality's
     loss term ``train/loss_<m>``, its epsilon loss where visible ``train/eps_loss_visible/<m>`` (what
     the controller reads) and its variance-normalised x0 loss where masked
-    ``train/x0_loss_masked/<m>`` (below 1 = better than predicting the mean). Checkpoints hold the EMA denoiser in ``checkpoint["bdgf_ddpm"]``
+    ``train/x0_loss_masked/<m>`` (below 1 = better than predicting the mean). Checkpoints hold the EMA denoiser in
+    ``checkpoint["bdgf_ddpm"]``
     for :class:`BDGF`'s ``ddpm_checkpoint``.
 
     Args:

@@ -4,21 +4,23 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import os
 import logging
+import os
 import sys
 import warnings
-from typing import Literal
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from rsfusion import datamodules  # noqa: F401  (registers the DataModules for short class names)
-from rsfusion import lightning_modules  # noqa: F401  (registers the models)
+from rsfusion import (
+    datamodules,  # noqa: F401  (registers the DataModules for short class names)
+    lightning_modules,  # noqa: F401  (registers the models)
+)
 from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, read_checkpoint_inputs
 from rsfusion.datamodules.io import InputError, read_header
 from rsfusion.datamodules.raster import RasterDataModule
@@ -26,8 +28,12 @@ from rsfusion.lightning_modules.base import FusionClassifier
 from rsfusion.lightning_modules.callbacks import default_callbacks
 from rsfusion.lightning_modules.inference import ensure_inference_precision
 from rsfusion.lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
-from rsfusion.lightning_modules.reporting import (LoggedSaveConfigCallback, WandbOptions, has_wandb_credentials,
-                                         make_wandb_logger)
+from rsfusion.lightning_modules.reporting import (
+    LoggedSaveConfigCallback,
+    WandbOptions,
+    has_wandb_credentials,
+    make_wandb_logger,
+)
 from rsfusion.lightning_modules.runs import RUN_CHECKPOINTS, RUN_LOGGER, checkpoint_of, resolve_run, run_folders
 
 

@@ -169,7 +169,8 @@ def maps_figure(path: Path, results: list[RunResult]) -> None:
         ax.imshow(colours[np.clip(classes, 0, len(palette))], interpolation="nearest")
         ax.set_title(f"{result.label}\nOA {100 * result.metrics['OA']:.2f} % (seed {result.seed})", fontsize=9)
         ax.set_axis_off()
-    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="k", label=n) for n, c in zip(firsts[0].class_names, palette)]
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="k", label=n) for n, c in zip(firsts[0].class_names,
+                                                                                          palette)]
     fig.legend(handles=handles, loc="center right", frameon=False, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (4 * len(firsts) + 2), 1))
     with atomic_path(path) as tmp:

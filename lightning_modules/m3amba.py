@@ -55,7 +55,8 @@ class M3amba(FusionClassifier):
                  compute_guidance_output: bool = False, shared_stream_weights: bool = True,
                  clip_normalize: bool = False, linear_embed_trainable: bool = True,
                  ce_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), supervised_weight: float = 1.0,
-                 consistency_weight: float = 0.1, scan_backend: str = "auto", lr: float = 1e-4, weight_decay: float = 0.05,
+                 consistency_weight: float = 0.1, scan_backend: str = "auto", lr: float = 1e-4,
+                 weight_decay: float = 0.05,
                  optimizer: str = "adamw", scheduler: str = "cosine", **kwargs):
         super().__init__(patch_size=patch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                          scheduler=scheduler, **kwargs)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 
 def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
+                         nn.ReLU(inplace=True))
 
 
 class TwoBranchCNNNet(nn.Module):

@@ -370,7 +370,7 @@ class BDGFNet(nn.Module):
     @staticmethod
     def ensemble_probabilities(logits: Mapping[str, Tensor]) -> Tensor:
         """Mean of the branch softmaxes, (B, K) [D]; argmax gives the prediction."""
-        return torch.stack([torch.softmax(l, dim=-1) for l in logits.values()]).mean(dim=0)
+        return torch.stack([torch.softmax(z, dim=-1) for z in logits.values()]).mean(dim=0)
 
     @torch.no_grad()
     def predict_proba(self, modalities: Mapping[str, Tensor], guides: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -393,7 +393,7 @@ def dml_kl_loss(logits: Mapping[str, Tensor] | Sequence[Tensor], temperature: fl
     ls = _as_list(logits)
     if len(ls) < 2:
         return ls[0].new_zeros(()) if ls else torch.zeros(())
-    log_p = [F.log_softmax(l / temperature, dim=-1) for l in ls]
+    log_p = [F.log_softmax(z / temperature, dim=-1) for z in ls]
     terms = [F.kl_div(log_p[i], log_p[j].detach(), log_target=True, reduction="batchmean")
              for i in range(len(ls)) for j in range(len(ls)) if i != j]
     return temperature ** 2 * torch.stack(terms).mean()
@@ -408,8 +408,8 @@ def entropy_gap_loss(logits: Mapping[str, Tensor] | Sequence[Tensor], temperatur
     if len(ls) < 2:
         return ls[0].new_zeros(()) if ls else torch.zeros(())
     entropies = []
-    for l in ls:
-        log_p = F.log_softmax(l / temperature, dim=-1)
+    for z in ls:
+        log_p = F.log_softmax(z / temperature, dim=-1)
         entropies.append(-(log_p.exp() * log_p).sum(dim=-1).mean())
     gaps = [(entropies[i] - entropies[j]).abs() for i in range(len(ls)) for j in range(i + 1, len(ls))]
     return torch.stack(gaps).mean()
@@ -447,7 +447,7 @@ def bdgf_loss(output: BDGFOutput, target: Tensor, ml: str = "both", temperature:
     """
     if ml not in ML_MODES:
         raise ValueError(f"ml must be one of {ML_MODES}, got {ml!r}")
-    terms = {f"ce/{b}": F.cross_entropy(l, target, label_smoothing=label_smoothing) for b, l in output.logits.items()}
+    terms = {f"ce/{b}": F.cross_entropy(z, target, label_smoothing=label_smoothing) for b, z in output.logits.items()}
     ce = torch.stack(list(terms.values())).sum()
     kl = dml_kl_loss(output.logits, temperature)
     ent = entropy_gap_loss(output.logits, temperature)

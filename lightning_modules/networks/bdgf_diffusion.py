@@ -5,7 +5,8 @@ masking* strategy so that the learned distribution is not dominated by the spect
 uses the frozen denoiser's features to guide a three-branch classifier (see ``bdgf.py``).
 
 Only the skeleton is the paper's (abstract; the code it announces at github.com/HaoLiu-XDU/BDGF was
-not available to this project, and nothing here has been compared with it): a multimodal DDPM, adaptive modality masking, and
+not available to this project, and nothing here has been compared with it): a multimodal DDPM, adaptive modality
+masking, and
 diffusion features hierarchically guiding CNN/Mamba/Transformer branches. Everything below the
 skeleton is a reconstruction [R] or an rsfusion default [D] from ``specs/bdgf.md``; every such
 number is a constructor/function argument:

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 from rsfusion.lightning_modules.networks.layers import (
-    NUM_DIRECTIONS, Mlp, check_scan_backend, directional_ssm_parameters, mamba_init_, project_directions)
+    NUM_DIRECTIONS,
+    Mlp,
+    check_scan_backend,
+    directional_ssm_parameters,
+    mamba_init_,
+    project_directions,
+)
 
 __all__ = ["DAS2FNet", "VARIANTS", "pixel_shuffle_tokens"]
 

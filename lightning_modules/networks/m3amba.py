@@ -21,7 +21,12 @@ import torch.nn.functional as F
 
 from rsfusion.lightning_modules.networks.layers import DropPath, Mlp, check_scan_backend
 from rsfusion.lightning_modules.networks.ss2d import (
-    SS2D, DirectionalSSM, VSSBlock, resolve_dt_rank, vmamba_init_weights)
+    SS2D,
+    DirectionalSSM,
+    VSSBlock,
+    resolve_dt_rank,
+    vmamba_init_weights,
+)
 
 EXCHANGES = ("B", "C", "none")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

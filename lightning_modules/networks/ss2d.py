@@ -22,8 +22,15 @@ import torch.nn.functional as F
 
 from rsfusion.kernels import cross_merge, cross_scan, selective_scan
 from rsfusion.lightning_modules.networks.layers import (
-    NUM_DIRECTIONS, DropPath, Mlp, check_fraction, check_scan_backend, directional_ssm_parameters, mamba_init_,
-    project_directions)
+    NUM_DIRECTIONS,
+    DropPath,
+    Mlp,
+    check_fraction,
+    check_scan_backend,
+    directional_ssm_parameters,
+    mamba_init_,
+    project_directions,
+)
 
 __all__ = ["SS2D", "VSSBlock", "DirectionalSSM", "resolve_dt_rank", "vmamba_init_weights"]
 
