@@ -22,6 +22,8 @@ import threading
 
 import torch
 
+from rsfusion.kernels.scan_torch import _length_last, _time_major  # a new (L, batch, ...) copy, transposed in cache-sized blocks
+
 __all__ = ["scan_core_inference", "fast_inference_scan", "fast_inference_scan_enabled", "BATCH_BLOCK", "CHUNK"]
 
 # Samples per block and time steps per chunk: a block's chunk of states is 8 x 8 x 24.6 KB = 1.6 MB
@@ -49,57 +51,51 @@ def fast_inference_scan(enabled=True):
         _state.enabled = previous
 
 
-def _batch_time_major(x):
-    """(batch, C, L) -> a new contiguous (batch, L, C) (always a copy: delta's is modified in place)."""
-    return x.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-
-
 @torch.no_grad()
 def scan_core_inference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """``scan_core_torch``'s forward without autograd: returns (y (batch, dim, L), last state (batch, dim, N))."""
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
     per = dim // groups
-    u_t = _batch_time_major(u).view(batch, length, groups, 1, per)
-    delta_t = _batch_time_major(delta)
-    if delta_bias is not None:
-        delta_t += delta_bias
-    if delta_softplus:
-        delta_t = torch.nn.functional.softplus(delta_t, 1.0, 20.0)
-    delta_t = delta_t.view(batch, length, groups, 1, per)
-    B_t = B.permute(0, 3, 1, 2).contiguous()[..., None]  # (batch, L, G, N, 1)
-    C_t = C.permute(0, 3, 1, 2).contiguous()[..., None, :]  # (batch, L, G, 1, N)
     A2 = (A * _LOG2E).reshape(groups, per, nstate).transpose(1, 2).contiguous()  # (G, N, dim / G)
     D_g = None if D is None else D.reshape(groups, 1, per)
-
-    y_t = u.new_empty(batch, length, groups, 1, per)
+    bias = None if delta_bias is None else delta_bias.reshape(groups, 1, per)
+    y = u.new_empty(batch, dim, length)
     last = u.new_empty(batch, groups, nstate, per)
     block = min(BATCH_BLOCK, batch)
     chunk_len = min(CHUNK, length)
-    states, decay = (u.new_empty(block, chunk_len, groups, nstate, per) for _ in range(2))
-    delta_u = u.new_empty(block, chunk_len, groups, 1, per)
+    states, decay = (u.new_empty(chunk_len, block, groups, nstate, per) for _ in range(2))
+    delta_u = u.new_empty(chunk_len, block, groups, 1, per)
     for b0 in range(0, batch, block):
         b1 = min(b0 + block, batch)
         nb = b1 - b0
+        # This block's inputs time-major, (L, nb, G, ...): every chunk below is a contiguous slab.
+        u_t = _time_major(u[b0:b1]).view(length, nb, groups, 1, per)
+        delta_t = _time_major(delta[b0:b1]).view(length, nb, groups, 1, per)
+        if bias is not None:
+            delta_t += bias
+        if delta_softplus:
+            delta_t = torch.nn.functional.softplus(delta_t, 1.0, 20.0)
+        B_t = _time_major(B[b0:b1])[..., None]  # (L, nb, G, N, 1)
+        C_t = _time_major(C[b0:b1])[..., None, :]  # (L, nb, G, 1, N)
+        y_t = torch.empty_like(u_t)
         previous = None
         for start in range(0, length, chunk_len):
             stop = min(start + chunk_len, length)
             steps = stop - start
-            h, a, du = states[:nb, :steps], decay[:nb, :steps], delta_u[:nb, :steps]
-            dt = delta_t[b0:b1, start:stop]
-            torch.mul(dt, u_t[b0:b1, start:stop], out=du)
-            torch.mul(du, B_t[b0:b1, start:stop], out=h)  # delta B u
+            h, a, du = states[:steps, :nb], decay[:steps, :nb], delta_u[:steps, :nb]
+            dt = delta_t[start:stop]
+            torch.mul(dt, u_t[start:stop], out=du)
+            torch.mul(du, B_t[start:stop], out=h)  # delta B u
             torch.mul(dt, A2, out=a)
             torch.exp2(a, out=a)  # exp(delta A)
-            for t in range(steps):
-                h_t = h[:, t]
+            for h_t, a_t in zip(h.unbind(0), a.unbind(0)):
                 if previous is not None:
-                    h_t.addcmul_(a[:, t], previous)
+                    h_t.addcmul_(a_t, previous)
                 previous = h_t
-            y_c = torch.matmul(C_t[b0:b1, start:stop], h, out=y_t[b0:b1, start:stop])
+            y_c = torch.matmul(C_t[start:stop], h, out=y_t[start:stop])
             if D_g is not None:
-                y_c.addcmul_(u_t[b0:b1, start:stop], D_g)
-            previous = last[b0:b1].copy_(h[:, -1]) if stop < length else h[:, -1]
-        last[b0:b1].copy_(previous)
-    y = y_t.view(batch, length, dim).transpose(1, 2).contiguous()
+                y_c.addcmul_(u_t[start:stop], D_g)
+            previous = last[b0:b1].copy_(previous)  # the chunk buffers are overwritten next
+        y[b0:b1] = _length_last(y_t, nb, dim, length)
     return y, last.transpose(-1, -2).reshape(batch, dim, nstate)

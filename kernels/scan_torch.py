@@ -36,8 +36,6 @@ a two-level chunked scan of the same recurrence 64 ms, spec §4.3 has the same f
 """
 import torch
 
-from rsfusion.kernels.scan_inference import fast_inference_scan_enabled, scan_core_inference
-
 __all__ = ["scan_core_torch", "CHUNK"]
 
 # Time steps per chunk (and between the states saved for backward): small enough for a chunk of
@@ -266,8 +264,10 @@ def scan_core_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=F
     (they are full passes over (batch, dim, L) otherwise); see ``_SelectiveScanTorch``. Returns
     (y, last_state). Inside ``scan_inference.fast_inference_scan()``, a call that needs no gradient
     runs the forward-only ``scan_core_inference`` instead."""
-    if fast_inference_scan_enabled() and not (
+    from rsfusion.kernels import scan_inference  # (it imports this module's transposes)
+
+    if scan_inference.fast_inference_scan_enabled() and not (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (u, delta, A, B, C, D, delta_bias))):
-        return scan_core_inference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return scan_inference.scan_core_inference(u, delta, A, B, C, D, delta_bias, delta_softplus)
     return _SelectiveScanTorch.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)

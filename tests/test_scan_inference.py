@@ -59,7 +59,7 @@ def test_fast_scan_is_used_only_inside_the_context_and_without_gradient(monkeypa
     x = scan_inputs(5, 8, 11, 6, 2)
     exact = scan_core_torch(**x, delta_softplus=True)[0]
     calls = []
-    monkeypatch.setattr("rsfusion.kernels.scan_torch.scan_core_inference",
+    monkeypatch.setattr("rsfusion.kernels.scan_inference.scan_core_inference",
                         lambda *a: calls.append(1) or scan_core_inference(*a))
     with torch.no_grad():
         outside = selective_scan(**x, delta_softplus=True, backend="torch")
@@ -81,7 +81,7 @@ def test_fast_scan_is_used_only_inside_the_context_and_without_gradient(monkeypa
 
 def spy_on_the_fast_scan(monkeypatch):
     calls = []
-    monkeypatch.setattr("rsfusion.kernels.scan_torch.scan_core_inference",
+    monkeypatch.setattr("rsfusion.kernels.scan_inference.scan_core_inference",
                         lambda *a: calls.append(a[0].shape) or scan_core_inference(*a))
     return calls
 
