@@ -1,10 +1,13 @@
-"""Full-scene prediction time on this CPU: eager float32 vs ``--inference_precision bf16``.
+"""Full-scene prediction time on this CPU: eager float32 vs ``--inference_precision bf16`` and/or
+``--inference_scan fast``.
 
     OMP_NUM_THREADS=1 python benchmarks/inference.py [--models cnn das2f m3amba bdgf] [--repeats 3]
+        [--options bf16 fast bf16+fast]
 
 Each model (seeded random weights; the timing does not depend on training) maps a synthetic scene
-through the real path (DataModule -> Trainer.predict -> map writer). Each timing is the minimum of
-``--repeats`` runs (the machine is shared). Map agreement = fraction of pixels where the bf16 map
+through the real path (DataModule -> Trainer.predict -> map writer). The runs are interleaved
+(eager, option 1, option 2, eager, ...) and each timing is the minimum of ``--repeats`` runs, so
+contention on the shared machine hits all alike. Map agreement = fraction of pixels where the bf16 map
 equals the float32 map; with random weights many pixels are near ties, so a trained model agrees
 more (tests/test_inference.py checks a trained one). Prints a Markdown table.
 """
@@ -44,7 +47,11 @@ def build_model(name: str, dm, work: Path):
     return BDGF(feature_bank=str(bank), feature_bank_split=[64, 128, 128], **common)
 
 
-def predict_map(name: str, precision: str, work: Path) -> tuple[float, np.ndarray]:
+OPTIONS = {"eager": ("32", "exact"), "bf16": ("bf16", "exact"), "fast": ("32", "fast"), "bf16+fast": ("bf16", "fast")}
+LABELS = {"bf16": "bf16 autocast, scan float32", "fast": "--inference_scan fast", "bf16+fast": "bf16 + fast scan"}
+
+
+def predict_map(name: str, option: str, work: Path) -> tuple[float, np.ndarray]:
     import lightning as L
     import rasterio
 
@@ -57,9 +64,9 @@ def predict_map(name: str, precision: str, work: Path) -> tuple[float, np.ndarra
                              train_per_class=10, batch_size=64, eval_batch_size=256, **options)
     torch.manual_seed(0)
     model = build_model(name, dm, work).eval()
-    out = work / f"{name}-{precision}"
+    out = work / f"{name}-{option}"
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ClassificationMapWriter(str(out)), InferencePrecision(precision)])
+                        callbacks=[ClassificationMapWriter(str(out)), InferencePrecision(*OPTIONS[option])])
     start = time.perf_counter()
     trainer.predict(model, datamodule=dm, return_predictions=False)
     seconds = time.perf_counter() - start
@@ -71,21 +78,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SCENES), choices=list(SCENES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--options", nargs="+", default=["bf16", "fast", "bf16+fast"], choices=list(LABELS))
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); min of {args.repeats} runs\n")
-    print("| model | scene | eager float32 (s) | bf16 autocast, scan float32 (s) | speed-up | map agreement |")
-    print("|---|---|---|---|---|---|")
+    options = ["eager", *args.options]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); min of {args.repeats} interleaved runs\n")
+    print("| model | scene | eager float32 (s) | " + " | ".join(f"{LABELS[o]} (s, speed-up, map agreement)"
+                                                         for o in args.options) + " |")
+    print("|---|---|---|" + "---|" * len(args.options))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models:
-            times, maps = {}, {}
-            for precision in ("32", "bf16"):
-                runs = [predict_map(name, precision, work) for _ in range(args.repeats)]
-                times[precision], maps[precision] = min(r[0] for r in runs), runs[0][1]
-            agree = float((maps["32"] == maps["bf16"]).mean())
+            times, maps = {o: [] for o in options}, {}
+            for _ in range(args.repeats):
+                for option in options:
+                    seconds, maps[option] = predict_map(name, option, work)
+                    times[option].append(seconds)
+            best = {o: min(t) for o, t in times.items()}
+            cells = [f"{best[o]:.2f}, {best['eager'] / best[o]:.2f}x, {100 * float((maps[o] == maps['eager']).mean()):.2f} %"
+                     for o in args.options]
             kind, side, _ = SCENES[name]
-            print(f"| {name} | {kind} {side}x{side} | {times['32']:.2f} | {times['bf16']:.2f} | "
-                  f"{times['32'] / times['bf16']:.2f}x | {100 * agree:.2f} % |", flush=True)
+            print(f"| {name} | {kind} {side}x{side} | {best['eager']:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -262,5 +262,12 @@ class _SelectiveScanTorch(torch.autograd.Function):
 def scan_core_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """S6 recurrence with the skip ``D`` and ``softplus(delta + delta_bias)`` fused into its chunk loop
     (they are full passes over (batch, dim, L) otherwise); see ``_SelectiveScanTorch``. Returns
-    (y, last_state)."""
+    (y, last_state). Inside ``scan_inference.fast_inference_scan()``, a call that needs no gradient
+    runs the forward-only ``scan_core_inference`` instead."""
+    from rsfusion.kernels import scan_inference  # (it imports this module's transposes)
+
+    if scan_inference.fast_inference_scan_enabled() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (u, delta, A, B, C, D, delta_bias))):
+        return scan_inference.scan_core_inference(u, delta, A, B, C, D, delta_bias, delta_softplus)
     return _SelectiveScanTorch.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)

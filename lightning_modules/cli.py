@@ -61,6 +61,9 @@ class RSFusionCLI(LightningCLI):
         parser.add_argument("--inference_precision", type=Literal["32", "bf16"], default="32",
                             help="full-scene prediction (predict, map after fit) in bfloat16 autocast with the "
                                  "scan in float32: faster on CPUs with bf16 units; test metrics stay float32")
+        parser.add_argument("--inference_scan", type=Literal["exact", "fast"], default="exact",
+                            help="full-scene prediction with the selective scan's forward-only, cache-blocked "
+                                 "path (float32, scores within ~1e-5 of exact; DAS2F, M3amba, BDGF)")
         parser.add_class_arguments(WandbOptions, "wandb")
         parser.add_lightning_class_args(ClassificationMapWriter, "map")
         parser.set_defaults({"trainer.logger": RUN_LOGGER, "trainer.callbacks": RUN_CHECKPOINTS})
@@ -166,7 +169,9 @@ class RSFusionCLI(LightningCLI):
         if inputs is not None and inputs.datamodule_state and isinstance(dm, RasterDataModule):
             dm.load_state_dict(inputs.datamodule_state)  # Lightning restores it only into the same class
         ensure_map_writer(self.trainer)
-        ensure_inference_precision(self.trainer, self.config[self.subcommand].get("inference_precision", "32"))
+        config = self.config[self.subcommand]
+        ensure_inference_precision(self.trainer, config.get("inference_precision", "32"),
+                                   config.get("inference_scan", "exact"))
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -177,7 +182,8 @@ class RSFusionCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if config.get("map_after_fit"):
             ensure_map_writer(self.trainer)
-            ensure_inference_precision(self.trainer, config.get("inference_precision", "32"))
+            ensure_inference_precision(self.trainer, config.get("inference_precision", "32"),
+                                       config.get("inference_scan", "exact"))
             self.trainer.predict(self.model, datamodule=self.datamodule, ckpt_path=ckpt, return_predictions=False)
 
 
