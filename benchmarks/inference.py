@@ -94,8 +94,8 @@ def main() -> None:
                     seconds, maps[option] = predict_map(name, option, work)
                     times[option].append(seconds)
             best = {o: min(t) for o, t in times.items()}
-            cells = [f"{best[o]:.2f}, {best['eager'] / best[o]:.2f}x, {100 * float((maps[o] == maps['eager']).mean()):.2f} %"
-                     for o in args.options]
+            agree = {o: 100 * float((maps[o] == maps["eager"]).mean()) for o in args.options}
+            cells = [f"{best[o]:.2f}, {best['eager'] / best[o]:.2f}x, {agree[o]:.2f} %" for o in args.options]
             kind, side, _ = SCENES[name]
             print(f"| {name} | {kind} {side}x{side} | {best['eager']:.2f} | " + " | ".join(cells) + " |", flush=True)
 

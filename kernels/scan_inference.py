@@ -22,7 +22,10 @@ import threading
 
 import torch
 
-from rsfusion.kernels.scan_torch import _length_last, _time_major  # a new (L, batch, ...) copy, transposed in cache-sized blocks
+from rsfusion.kernels.scan_torch import (  # a new (L, batch, ...) copy, transposed in cache-sized blocks
+    _length_last,
+    _time_major,
+)
 
 __all__ = ["scan_core_inference", "fast_inference_scan", "fast_inference_scan_enabled", "BATCH_BLOCK", "CHUNK"]
 

@@ -18,8 +18,8 @@ from rsfusion.kernels.scan_torch import scan_core_torch
 from rsfusion.lightning_modules import DAS2F
 from rsfusion.lightning_modules.cli import main
 from rsfusion.lightning_modules.inference import InferencePrecision
+from tests.conftest import TINY_DAS2F as DAS2F_TINY
 from tests.conftest import tiny_config
-from tests.test_das2f_module import TINY as DAS2F_TINY
 
 RTOL, ATOL = 1e-5, 1e-5  # the stated tolerance of the fast scan against the exact one
 
@@ -111,7 +111,7 @@ def test_predict_with_the_fast_scan_writes_the_exact_map(tmp_path, monkeypatch):
                                                            patch_size=4, batch_size=16), DAS2F_TINY,
                          max_epochs=1, limit_train_batches=2)
     main(["fit", "--config", str(config), "--test_after_fit", "false"])  # the exact map (version_0)
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((tmp_path / "runs").glob("version_0/checkpoints/best-*.ckpt"))
     calls = spy_on_the_fast_scan(monkeypatch)
     main(["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--inference_scan", "fast"])
     assert calls  # the prediction ran the fast scan
