@@ -9,7 +9,7 @@ from tests.conftest import CONFIGS, write_tif
 
 
 class PixelsRead(AssertionError):
-    pass
+    """Raised by the stubbed raster readers: pixels were read where only headers should be."""
 
 
 def _refuse(*args, **kwargs):

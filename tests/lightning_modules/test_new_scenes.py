@@ -78,7 +78,7 @@ def test_the_data_options_come_from_the_checkpoint_and_the_user_wins(trained, ca
     from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
 
     class Parsed(Exception):
-        pass
+        """Stops the CLI once the arguments are parsed."""
 
     class Probe(RSFusionCLI):
         def before_instantiate_classes(self):
