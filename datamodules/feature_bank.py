@@ -86,12 +86,7 @@ def _open_external(path: Path) -> np.ndarray:
 
 def read_external_bank(path: str | Path, height: int, width: int) -> np.ndarray:
     """A user-given (F, H, W) ``.npy`` cube on the scene grid, as float16 (any channel count F)."""
-    path = Path(path)
-    cube = _open_external(path)
-    if cube.ndim != 3 or cube.shape[1:] != (height, width):
-        raise InputError(f"{path}: expected a (F, {height}, {width}) feature cube on the scene grid, "
-                         f"got shape {cube.shape}")
-    out = np.asarray(cube, dtype=np.float16)
+    out = np.asarray(open_bank(path, height, width), dtype=np.float16)
     if not np.isfinite(out).all():
         raise InputError(f"{path}: the feature bank contains NaN or infinite values (or values beyond fp16)")
     return out
