@@ -87,7 +87,7 @@ GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The one reference (kernels/reference.py, a step-by-step loop) on the inputs upcast to float64:
+    """The one reference (rsfusion/kernels/reference.py, a step-by-step loop) on the inputs upcast to float64:
     (out, last state), differentiable with respect to float64 leaves."""
     inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     doubled = {k: v if v is None else v.double() for k, v in inputs.items()}

@@ -78,7 +78,7 @@ def test_mixed_b_c_layouts_match_oracle(b_groups, c_groups):
 
 
 def test_reference_matches_the_recurrence_worked_by_hand():
-    """Two steps, one channel, N = 1, every option: the formulas of kernels/reference.py's docstring."""
+    """Two steps, one channel, N = 1, every option: the formulas of rsfusion/kernels/reference.py's docstring."""
     u, delta, b, c, z = [1.0, 2.0], [0.3, -0.4], [1.5, -2.0], [0.5, 3.0], [0.7, -1.2]
     a, d, bias = -0.8, 0.25, 0.1
     dts = [math.log1p(math.exp(x + bias)) for x in delta]

@@ -39,15 +39,23 @@ MODELS = {
                   feature_overlap=4, **TINY_NET)),
 }
 
-# Run where rsfusion is not importable: -I drops PYTHONPATH and the working directory, and the
-# editable install's import hook (a .pth in site-packages) is removed before anything is imported.
+# Run where no rsfusion module can be imported, however rsfusion is installed (wheel, editable .pth,
+# a checkout on sys.path): a meta-path finder placed first refuses the name and any submodule of it,
+# so the program fails if anything in it reaches for rsfusion.
 CLEAN_PRELUDE = """
-import importlib.util, sys
-sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
-sys.path_importer_cache.clear()
-for name in ("rsfusion", "lightning_modules", "datamodules", "kernels"):
-    assert importlib.util.find_spec(name) is None, f"{name} is importable"
+import sys
+class BlockRsfusion:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rsfusion" or name.startswith("rsfusion."):
+            raise ModuleNotFoundError(f"rsfusion is blocked in this process ({name})")
+        return None
+sys.meta_path.insert(0, BlockRsfusion())
+try:
+    import rsfusion  # noqa: F401
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("the rsfusion blocker did not work")
 import numpy as np
 inputs = dict(np.load(sys.argv[2]))
 """
@@ -144,3 +152,16 @@ def test_missing_checkpoint_and_bad_ratio_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", "x.ckpt", "--output", "m.pt2", "--ratio", "pan4"])
     assert "expected MODALITY=RATIO (e.g. pan=4), got 'pan4'" in capsys.readouterr().err
+
+
+def test_the_clean_process_refuses_every_rsfusion_import(tmp_path):
+    """The guard of the test above: in its child process any rsfusion import fails, wheel, editable
+    install or a checkout on the path alike (the child runs from the repository root here)."""
+    script = CLEAN_PRELUDE + "\nimport rsfusion.kernels\n"
+    (tmp_path / "run.py").write_text(textwrap.dedent(script))
+    np.savez(tmp_path / "inputs.npz", x=np.zeros(1))
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), "-", str(tmp_path / "inputs.npz")], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ModuleNotFoundError: rsfusion is blocked in this process (rsfusion)" in out.stderr

@@ -1,4 +1,4 @@
-"""The tasks' losses (lightning_modules/losses.py): M3amba's masked CE of three heads + cosine consistency."""
+"""The tasks' losses (rsfusion/lightning_modules/losses.py): M3amba's masked CE of three heads + cosine consistency."""
 import torch
 import torch.nn.functional as F
 

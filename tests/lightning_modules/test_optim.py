@@ -1,4 +1,4 @@
-"""Parameter groups (lightning_modules/optim.py): no weight decay on flagged SSM parameters and LayerNorms."""
+"""Parameter groups (rsfusion/lightning_modules/optim.py): no weight decay on flagged SSM parameters and LayerNorms."""
 import pytest
 import torch
 import torch.nn as nn

@@ -1,4 +1,4 @@
-"""Tests of the DAS²F network (lightning_modules/networks/das2f.py) against the spec's [C] facts."""
+"""Tests of the DAS²F network (rsfusion/lightning_modules/networks/das2f.py) against the spec's [C] facts."""
 import math
 
 import pytest

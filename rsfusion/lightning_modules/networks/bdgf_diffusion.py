@@ -24,8 +24,8 @@ number is a constructor/function argument:
 - features: timesteps {50, 150} averaged, the three decoder levels, bilinear upsampling to tile
   resolution, tiles stitched with 50 % overlap [D].
 
-The masking controller lives with stage 1 (``lightning_modules/bdgf_pretrain.py``) and the
-feature extraction with stage 2 (``lightning_modules/bdgf_features.py``): this module holds networks
+The masking controller lives with stage 1 (``rsfusion/lightning_modules/bdgf_pretrain.py``) and the
+feature extraction with stage 2 (``rsfusion/lightning_modules/bdgf_features.py``): this module holds networks
 and their losses only.
 
 Decoder levels are numbered from 0 = full resolution (shallowest, the spec's "level-1 32x32") to
