@@ -17,10 +17,12 @@ import rasterio.enums
 import rasterio.shutil
 import rasterio.windows
 from affine import Affine
-from rasterio.errors import RasterioError
+from rasterio.errors import RasterioError, RasterioIOError
 
 LABEL_KEYS = ("label", "labels", "gt", "TRLabel", "TSLabel", "mask_train", "mask_test",
               "trainlabels", "testlabels", "TrainImage", "TestImage")
+# rasterio < 1.4 raises RasterioIOError (an OSError) for files GDAL cannot open, outside RasterioError
+RASTERIO_ERRORS = (RasterioError, RasterioIOError)
 GDAL_SUFFIXES = {".tif", ".tiff", ".img", ".vrt", ".jp2", ".hdr", ".dat", ".bsq", ".bil", ".bip", ".nc"}
 
 
@@ -160,7 +162,7 @@ def read_header(path: str | os.PathLike) -> RasterHeader:
     try:
         with rasterio.open(p) as src:
             return RasterHeader(str(path), src.count, (src.height, src.width), src.crs, src.transform)
-    except RasterioError as err:
+    except RASTERIO_ERRORS as err:
         raise RasterError(f"{p}: not a raster GDAL can open ({_first_line(err)})") from None
 
 
@@ -213,7 +215,7 @@ def read_raster(path: str | os.PathLike, nodata: float | None = None,
                 crs, transform = src.crs, src.transform
                 if nodata is None:
                     nodata = src.nodata
-        except RasterioError as err:
+        except RASTERIO_ERRORS as err:
             raise RasterError(f"{p}: unreadable or corrupt raster ({_first_line(err)})") from None
     if data.dtype.kind not in "biuf":
         raise RasterError(f"{p}: unsupported data type {data.dtype}")

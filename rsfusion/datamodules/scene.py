@@ -51,7 +51,7 @@ def _grid_ratio(ref: RasterHeader, other: RasterHeader) -> int:
 def _bounds(h: RasterHeader) -> tuple[float, float, float, float]:
     t = h.transform
     x0, y0 = t.c, t.f
-    x1, y1 = t * (h.shape[1], h.shape[0])
+    x1, y1 = t @ (h.shape[1], h.shape[0])
     return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
