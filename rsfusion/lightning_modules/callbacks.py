@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import cuda
 
 from rsfusion.lightning_modules.maps import ClassificationMapWriter
 from rsfusion.lightning_modules.reporting import TestReport
@@ -31,9 +32,9 @@ class RNGStateCapture(Callback):
                                     # plain types only, so checkpoints load with weights_only=True
                                     "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
                                               int(has_gauss), float(gauss))}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if cuda.is_available() and cuda.is_initialized():
             # one uint8 tensor per visible GPU: dropout masks drawn on the GPU continue on resume
-            checkpoint["rng_states"]["cuda"] = [state.cpu() for state in torch.cuda.get_rng_state_all()]
+            checkpoint["rng_states"]["cuda"] = [state.cpu() for state in cuda.get_rng_state_all()]
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -50,9 +51,9 @@ def restore_cuda_rng(cuda_states: list[torch.Tensor] | None) -> None:
     """Restore the per-GPU RNG states of a checkpoint; warn once when the GPUs differ."""
     if not cuda_states:
         return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = cuda.device_count() if cuda.is_available() else 0
     if count == len(cuda_states):
-        torch.cuda.set_rng_state_all(cuda_states)
+        cuda.set_rng_state_all(cuda_states)
     elif "cuda_rng" not in _warned:
         _warned.add("cuda_rng")
         rank_zero_warn(f"the checkpoint holds the RNG states of {len(cuda_states)} GPU(s), this process sees {count}: "

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,15 +57,17 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
 
 
 class _FakeGPUs:
-    """torch.cuda as seen on a machine with ``count`` initialised GPUs (no GPU here): one RNG state each."""
+    """torch.cuda as the RNG callback sees it on a machine with ``count`` initialised GPUs (no GPU here): one
+    RNG state each. Only the callback's view is replaced: torch's own code (the optimiser asks
+    torch.cuda.is_available) keeps the real one, which a CUDA build without a driver would fail on."""
 
     def __init__(self, monkeypatch, count, offset=0):
+        from rsfusion.lightning_modules import callbacks
+
         self.states = [torch.arange(16, dtype=torch.uint8) + offset + 16 * i for i in range(count)]
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
-        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.set_states)
+        monkeypatch.setattr(callbacks, "cuda", SimpleNamespace(
+            is_available=lambda: True, is_initialized=lambda: True, device_count=lambda: count,
+            get_rng_state_all=lambda: [s.clone() for s in self.states], set_rng_state_all=self.set_states))
 
     def set_states(self, states):
         self.states = [s.clone() for s in states]
