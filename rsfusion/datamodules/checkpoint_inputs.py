@@ -61,12 +61,21 @@ def _raster_options() -> set[str]:
     return set(inspect.signature(RasterDataModule.__init__).parameters) - {"self"}
 
 
-def read_checkpoint_inputs(path: str | Path) -> CheckpointInputs:
-    """Read what ``path`` (a Lightning checkpoint of a RasterDataModule run) says about its input."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file's content (tensors and plain types only: ``weights_only``), or a one-line error."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch raises many kinds for a truncated, foreign or pickled file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__}: {detail[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path}: not a Lightning checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+def read_checkpoint_inputs(path: str | Path) -> CheckpointInputs:
+    """Read what ``path`` (a Lightning checkpoint of a RasterDataModule run) says about its input."""
+    ckpt = read_checkpoint(path)
     model_hp = dict(ckpt.get("hyper_parameters") or {})
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     data_class = str(data_hp.get("_class_path") or ckpt.get("datamodule_hparams_name") or "")

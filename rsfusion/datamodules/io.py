@@ -152,7 +152,7 @@ def read_header(path: str | os.PathLike) -> RasterHeader:
     if suffix == ".npy":
         try:
             arr = np.load(p, mmap_mode="r")
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, EOFError) as err:  # EOFError: a 0-byte file
             raise RasterError(f"{p}: cannot read .npy file ({err})") from None
         chw = _to_chw(arr, p, channels_last=True)
         return RasterHeader(str(path), chw.shape[0], (chw.shape[1], chw.shape[2]))
@@ -204,7 +204,7 @@ def read_raster(path: str | os.PathLike, nodata: float | None = None,
     if suffix in (".npy", ".mat"):
         try:
             array = np.load(p, mmap_mode="r") if suffix == ".npy" else _load_mat(p, key)
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, EOFError) as err:  # EOFError: a 0-byte file
             raise RasterError(f"{p}: cannot read .npy file ({err})") from None
         data = np.ascontiguousarray(_to_chw(array, p, channels_last=True)[:, rows, cols])
     else:

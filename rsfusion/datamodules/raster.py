@@ -194,7 +194,10 @@ class RasterDataModule(L.LightningDataModule):
         # class names reach the model through the CLI's link; saving them here too would clash
         self.save_hyperparameters(ignore=["class_names", "palette"])
         if not modalities:
-            raise ValueError("modalities: give at least one modality name -> raster path")
+            raise InputError("modalities: give at least one modality name -> raster path")
+        for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{option} must be a positive number of samples, got {value!r}")
         if patch_size < 1:
             raise InputError(f"patch_size must be positive, got {patch_size}")
         if sampling == "pixel" and patch_size % 2 == 0 and not allow_even_patch:
@@ -206,7 +209,11 @@ class RasterDataModule(L.LightningDataModule):
         unlabelled = all(p is None for p in (labels, train_labels, test_labels, val_labels))
         if not unlabelled and ((labels is None) == (train_labels is None and test_labels is None) or
                                (labels is None and (train_labels is None or test_labels is None))):
-            raise ValueError("give either train_labels and test_labels, or a single labels map to split")
+            given = ", ".join(f"{k}: {v}" for k, v in (("labels", labels), ("train_labels", train_labels),
+                                                       ("test_labels", test_labels), ("val_labels", val_labels))
+                              if v is not None)
+            raise InputError(f"label maps: give train_labels and test_labels, or a single labels map to split "
+                             f"(given {given})")
         self.modalities = dict(modalities)
         self.sampling, self.patch_size, self.train_stride = sampling, patch_size, train_stride
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size

@@ -11,30 +11,15 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from rsfusion.datamodules.checkpoint_inputs import check_modalities
 from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.sampling import IGNORE_INDEX
+from rsfusion.lightning_modules.metrics import classification_metrics, per_class_accuracy
 
 Batch = dict[str, torch.Tensor]
-
-
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """OA (overall accuracy), AA (mean per-class recall) and Cohen's kappa, ignoring unlabelled pixels."""
-    return MetricCollection({
-        "OA": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX),
-        "AA": MulticlassAccuracy(num_classes, average="macro", ignore_index=IGNORE_INDEX),
-        "kappa": MulticlassCohenKappa(num_classes, ignore_index=IGNORE_INDEX),
-    })
-
-
-def per_class_accuracy(class_names: list[str], prefix: str) -> ClasswiseWrapper:
-    """Recall of each class, computed as ``{prefix}acc_<class name>``, ignoring unlabelled pixels."""
-    accuracy = MulticlassAccuracy(len(class_names), average=None, ignore_index=IGNORE_INDEX)
-    return ClasswiseWrapper(accuracy, labels=list(class_names), prefix=f"{prefix}acc_")
 
 
 class FusionClassifier(L.LightningModule):

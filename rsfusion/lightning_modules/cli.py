@@ -28,13 +28,27 @@ from rsfusion.lightning_modules.base import FusionClassifier
 from rsfusion.lightning_modules.callbacks import default_callbacks
 from rsfusion.lightning_modules.inference import ensure_inference_precision
 from rsfusion.lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
+from rsfusion.lightning_modules.registry import (
+    check_known_arguments,
+    checked_hyper_parameters,
+    class_path_of,
+    read_checkpoint,
+    task_class,
+)
 from rsfusion.lightning_modules.reporting import (
     LoggedSaveConfigCallback,
     WandbOptions,
     has_wandb_credentials,
     make_wandb_logger,
 )
-from rsfusion.lightning_modules.runs import RUN_CHECKPOINTS, RUN_LOGGER, checkpoint_of, resolve_run, run_folders
+from rsfusion.lightning_modules.runs import (
+    RUN_CHECKPOINTS,
+    RUN_LOGGER,
+    RunLogger,
+    discard_unused_runs,
+    newest_checkpoint,
+    resolve_run,
+)
 
 
 class RSFusionCLI(LightningCLI):
@@ -110,9 +124,47 @@ class RSFusionCLI(LightningCLI):
             return None
         ckpt = peek["predict"].get("ckpt_path")
         if ckpt in ("last", "best"):
-            folders = run_folders(peek["predict"]["trainer"].get("default_root_dir") or os.getcwd())
-            ckpt = checkpoint_of(folders[-1], ckpt) if folders else None
-        return read_checkpoint_inputs(ckpt) if ckpt and Path(ckpt).is_file() else None
+            ckpt = newest_checkpoint(peek["predict"]["trainer"].get("default_root_dir") or os.getcwd(), ckpt)
+        if not ckpt:
+            return None
+        check_checkpoint_file(ckpt)
+        inputs = read_checkpoint_inputs(ckpt)
+        model = peek["predict"].get("model") or {}
+        given = model.get("class_path") if hasattr(model, "get") else None
+        if inputs.model_class is not None and given != inputs.model_class:  # a class the user typed is trusted
+            inputs.model_class = class_path_of(task_class(inputs.model_class, str(ckpt)))
+        return inputs
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's own step (the checkpoint's hyper-parameters become the model's arguments), after the
+        checks that keep a checkpoint from importing code or failing deep inside: the file is a readable
+        checkpoint, its class is one of rsfusion's tasks (or the very class the config names) and the one
+        the config builds, and every hyper-parameter is an argument of that class."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        check_checkpoint_file(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path)
+        model = self.config[subcommand].get("model") or {}
+        given = model.get("class_path") if hasattr(model, "get") else None
+        stored = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+        if given is not None and given == stored:  # the class the user's config names: trusted as typed
+            hparams = dict(checkpoint["hyper_parameters"])
+            cls_path, cls = hparams.pop("_class_path"), _resolve(given)
+            hparams.pop("_instantiator", None)
+        else:
+            cls, hparams = checked_hyper_parameters(checkpoint, str(ckpt_path))
+            cls_path = class_path_of(cls)
+            if given is not None and _resolve(given) is not cls:
+                raise InputError(f"{ckpt_path}: the checkpoint holds a {cls.__name__} model, the config builds "
+                                 f"{given.rsplit('.', 1)[-1]}; use the run's own config.yaml, or leave --config out")
+        if cls is not None:
+            check_known_arguments(cls, hparams, str(ckpt_path))
+        if not hparams:
+            return
+        model = {"class_path": cls_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """The data split seed follows ``seed_everything`` unless ``data.init_args.seed`` is set. Plain DDP
@@ -178,6 +230,11 @@ class RSFusionCLI(LightningCLI):
         if self.trainer.fast_dev_run or self.trainer.interrupted:
             return
         ckpt = evaluation_checkpoint(self.trainer)
+        if ckpt is None and (self.trainer.checkpoint_callbacks or self.trainer.global_step == 0) \
+                and (config.get("test_after_fit") or config.get("map_after_fit")):
+            rank_zero_warn(f"the fit saved no checkpoint ({self.trainer.global_step} training steps; max_epochs 0?): "
+                           "the after-fit test and map are skipped rather than run on an untrained model")
+            return
         if config.get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if config.get("map_after_fit"):
@@ -244,6 +301,24 @@ def _import_class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _resolve(path: str) -> type | None:
+    """The class a config names (short names are rsfusion's tasks), or None if it does not import."""
+    try:
+        return task_class(path, "the config")
+    except InputError:
+        try:
+            return _import_class(path)
+        except (ImportError, AttributeError, ValueError):
+            return None
+
+
+def check_checkpoint_file(path) -> None:
+    if not Path(path).exists():
+        raise InputError(f"{path}: checkpoint not found")
+    if not Path(path).is_file():
+        raise InputError(f"{path}: is a folder, not a checkpoint file")
+
+
 class _DropCloudTips(logging.Filter):
     """Lightning 2.6 logs an advert for its cloud loggers/registry at every Trainer: not ours to act on."""
 
@@ -289,9 +364,12 @@ def main(args: list[str] | None = None) -> None:
         return
     kwargs = cli_kwargs()
     kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "epilog": EXTRA_HELP}
+    RunLogger.claimed.clear()
+    InputError.latest = None
     try:
         RSFusionCLI(**kwargs, args=args)
     except Exception as err:
+        discard_unused_runs()  # a run that failed before training leaves no empty version_N
         # Bad input: one line naming the file and the problem, not a traceback. jsonargparse re-wraps
         # errors raised while it instantiates the DataModule, so look for ours inside its message.
         bad_input = err if isinstance(err, InputError) else InputError.latest

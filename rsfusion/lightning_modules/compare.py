@@ -105,8 +105,12 @@ def _finish_wandb() -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single run)."""
+    """Mean and sample standard deviation (ddof 1; 0 for a single run) of the values that exist: a class
+    with no reference pixel in a run's test set has no accuracy (NaN) and is left out; NaN if no run has one."""
     array = np.asarray(values, dtype=float)
+    array = array[~np.isnan(array)]
+    if array.size == 0:
+        return float("nan"), float("nan")
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
@@ -132,6 +136,8 @@ def summarise(results: list[RunResult]) -> tuple[list[str], list[dict]]:
 
 def markdown_table(rows: list[dict], class_names: list[str]) -> str:
     def pm(row, name, digits=2):
+        if np.isnan(row[f"{name}_mean"]):
+            return "no reference pixels"
         return f"{row[f'{name}_mean']:.{digits}f} ± {row[f'{name}_std']:.{digits}f}"
 
     header = ["config", "model", "params", "OA (%)", "AA (%)", "kappa (x100)",

@@ -2,11 +2,13 @@
 
 The map (classes 1..K, 0 or the file's nodata = no prediction) and the labels (1..K, 0 or nodata =
 unlabelled) are read in row strips, so memory does not grow with the scene, and each labelled pixel
-is counted once. The metrics are the suite's own (:func:`rsfusion.lightning_modules.base.classification_metrics`,
-torchmetrics), so a map written by ``lightning predict`` scores exactly what ``lightning test``
-reports. A labelled pixel the map leaves without a prediction counts as wrong: it is scored as an
-extra "no prediction" class (a column of the confusion matrix; it lowers OA, its true class's
-accuracy and kappa) and the report says how many there were.
+is counted once. The metrics are the suite's own (:mod:`rsfusion.lightning_modules.metrics`, torchmetrics),
+so a map written by ``lightning predict`` scores exactly what ``lightning test`` reports; AA is the
+mean accuracy of the classes present in the labels, and a class without labelled pixels is reported
+as "no reference pixels" (``null`` in the JSON), never 0. A labelled pixel the map leaves without a
+prediction counts as wrong: it is scored as an extra "no prediction" class (a column of the
+confusion matrix; it lowers OA, its true class's accuracy and kappa) and the report says how many
+there were.
 """
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from rsfusion.datamodules.io import InputError, RasterError, read_header, read_raster
+from rsfusion.datamodules.io import InputError, RasterError, is_gdal_raster, read_header, read_raster
 from rsfusion.datamodules.scene import _grid_ratio
+from rsfusion.lightning_modules.map_set import SET_TAG, check_member
+from rsfusion.lightning_modules.metrics import ClassAccuracy, classification_metrics
 
 STRIP_ROWS = 256
 
@@ -35,6 +40,17 @@ def check_same_grid(map_path: str, labels_path: str) -> tuple[int, int]:
         raise RasterError(f"{map_path} and {labels_path}: different resolutions ({class_map.shape} vs "
                           f"{labels.shape} pixels over the same area); resample the map onto the label grid")
     return labels.shape
+
+
+def check_complete_set(map_path: str) -> None:
+    """A map rsfusion wrote must come with the manifest of its set, with the same bytes: a map of a
+    prediction that stopped while committing its files, or changed since, is refused (maps of other
+    tools carry no set tag and are taken as they are)."""
+    if not is_gdal_raster(map_path):
+        return
+    with rasterio.open(map_path) as src:
+        set_id = src.tags().get(SET_TAG)
+    check_member(map_path, set_id)
 
 
 def _strips(path: str, shape: tuple[int, int], empty_value: int | None = None):
@@ -69,9 +85,8 @@ def evaluate_map(map_path: str, labels_path: str, class_names: list[str] | None 
     outside 1..K are an error naming the file; labelled pixels without a prediction count as wrong.
     ``label_nodata`` is a label value meaning "unlabelled" besides 0 (e.g. -1 in MUUFL).
     """
-    from rsfusion.lightning_modules.base import classification_metrics
-
     shape = check_same_grid(map_path, labels_path)
+    check_complete_set(map_path)
     if class_names and num_classes is not None and len(class_names) != num_classes:
         raise InputError(f"--class_names has {len(class_names)} names for --num_classes {num_classes}")
     k = len(class_names) if class_names else num_classes
@@ -83,10 +98,10 @@ def evaluate_map(map_path: str, labels_path: str, class_names: list[str] | None 
                 for s in _strips(p, shape, e))
     if k < 1:
         raise RasterError(f"{labels_path}: no labelled pixel (0 = unlabelled, 1..K = classes)")
-    # Class index k (0-based) is "no prediction": OA and kappa count it as an error; AA is the mean
-    # accuracy of the K real classes (an empty extra class leaves every metric unchanged).
+    # Class index k (0-based) is "no prediction": OA and kappa count it as an error; it has no reference
+    # pixel, so AA (over the classes present in the labels) never averages it in.
     metrics = classification_metrics(k + 1)
-    per_class = MulticlassAccuracy(k + 1, average=None)
+    per_class = ClassAccuracy(k + 1)
     confusion = MulticlassConfusionMatrix(k + 1)
     labelled = missing = 0
     for labels, predicted in zip(_strips(labels_path, shape, label_nodata), _strips(map_path, shape)):
@@ -106,13 +121,10 @@ def evaluate_map(map_path: str, labels_path: str, class_names: list[str] | None 
     values = {name.split("/")[-1]: float(v) for name, v in metrics.compute().items()}
     matrix = confusion.compute()[:k].long()
     accuracy = per_class.compute()[:k]
-    if missing:  # the extra class has false "predictions": torchmetrics' macro average would count it
-        present = (matrix.sum(1) + matrix[:, :k].sum(0)) > 0
-        values["AA"] = float(accuracy[present].mean())
     names = list(class_names) if class_names else [f"class {i}" for i in range(1, k + 1)]
     return {"map": str(map_path), "labels": str(labels_path), "labelled_pixels": labelled,
             "no_prediction_pixels": missing, "OA": values["OA"], "AA": values["AA"], "kappa": values["kappa"],
-            "per_class": {name: {"accuracy": float(a), "pixels": int(n)}
+            "per_class": {name: {"accuracy": None if a.isnan() else float(a), "pixels": int(n)}
                           for name, a, n in zip(names, accuracy, matrix.sum(1))},
             "class_names": names, "confusion_matrix": matrix[:, :k].tolist(),
             "no_prediction": matrix[:, k].tolist()}
@@ -129,7 +141,8 @@ def format_report(report: dict) -> str:
     width = max(len(n) for n in names + ["class"]) + 2
     lines.append(f"{'class':<{width}}{'accuracy':>10}{'pixels':>10}")
     for name, row in report["per_class"].items():
-        lines.append(f"{name:<{width}}{row['accuracy']:>10.4f}{row['pixels']:>10,}")
+        accuracy = "no reference pixels" if row["accuracy"] is None else f"{row['accuracy']:>10.4f}"
+        lines.append(f"{name:<{width}}{accuracy:>10}{row['pixels']:>10,}")
     lines += ["", "confusion matrix (rows: label, columns: map" + (", last: no prediction)"
                                                                    if report["no_prediction_pixels"] else ")")]
     columns = [str(i) for i in range(1, len(names) + 1)] + (["none"] if report["no_prediction_pixels"] else [])

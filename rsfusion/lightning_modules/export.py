@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import sys
@@ -94,22 +93,14 @@ def _datamodule_state(checkpoint: dict) -> dict:
 
 def load_checkpoint(path: str | Path):
     """(classifier in eval mode, checkpoint dict) of a ``lightning fit`` checkpoint, or a one-line error."""
-    from rsfusion.lightning_modules.base import FusionClassifier
+    from rsfusion.lightning_modules.registry import check_known_arguments, checked_hyper_parameters, read_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle/zip/IO errors: one line)
-        raise InputError(f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]})") from None
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "_class_path" not in hparams:
-        raise InputError(f"{path}: not a checkpoint of the lightning/rsfusion CLI (no model class recorded)")
-    module_name, _, class_name = hparams["_class_path"].rpartition(".")
-    model_class = getattr(importlib.import_module(module_name), class_name)
-    if not issubclass(model_class, FusionClassifier):
-        raise InputError(f"{path}: {hparams['_class_path']} is not a classifier of the suite")
+    checkpoint = read_checkpoint(path)
+    model_class, hparams = checked_hyper_parameters(checkpoint, str(path))  # a name lookup: nothing imported
+    check_known_arguments(model_class, hparams, str(path))
     model = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     return model.eval(), checkpoint
 

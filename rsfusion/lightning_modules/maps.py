@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from rasterio.errors import RasterioError
 
 from rsfusion.datamodules.io import GeoTiffWriter, InputError, atomic_path, read_preview
+from rsfusion.lightning_modules.map_set import SET_TAG, SetLock, commit, manifest_path, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,19 @@ def confidence_bands(probs: np.ndarray, measures: Sequence[str]) -> np.ndarray:
     return out
 
 
+def disk_array(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A zero-filled array memory-mapped from ``path`` whose disk blocks are reserved now: a full disk is an
+    error here, not a crash (SIGBUS) when a page of a sparse file is first written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "rb+") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate
+                raise
+    return array
+
+
 class ClassificationMapWriter(BasePredictionWriter):
     """Writes ``lightning predict`` outputs into one class map, on one process or several (DDP).
 
@@ -89,10 +107,12 @@ class ClassificationMapWriter(BasePredictionWriter):
             AVERAGE for probabilities and confidence). Default: plain tiled GeoTIFF, no overviews.
 
     Each process writes its predictions into its own disk-backed parts (memory-mapped ``.npy`` in a
-    hidden folder beside the map; probabilities take 2 bytes per class and pixel), so no process
-    holds the map in memory; when all are done, the first process merges the parts in row strips,
-    checking that every sample was predicted once and no pixel twice, writes the GeoTIFFs and the
-    PNG (downsampled for large scenes) and removes the parts.
+    hidden folder of this prediction beside the map; probabilities take 2 bytes per class and pixel),
+    so no process holds the map in memory; when all are done, the first process merges the parts in
+    row strips, checking that every sample was predicted once and no pixel twice, writes the GeoTIFFs
+    and the PNG (downsampled for large scenes) into a staging folder and commits them as one set
+    with ``<name>.manifest.json`` written last (:mod:`rsfusion.lightning_modules.map_set`). A second
+    prediction into the same folder is refused while one runs.
     """
 
     STRIP_ROWS = 512
@@ -114,32 +134,75 @@ class ClassificationMapWriter(BasePredictionWriter):
         self.probabilities, self.confidence, self.cog = probabilities, measures, cog
         self.progress = None
         self.paths: dict[str, Path] = {}
+        self._lock: SetLock | None = None
 
     @property
     def wants_probabilities(self) -> bool:
         return self.probabilities != "none" or bool(self.confidence)
 
     def _parts_dir(self) -> Path:
-        return self._out / f".{self.name}.parts"
+        return self._out / f".{self.name}.parts-{self._set_id}"
+
+    def _staging_dir(self) -> Path:
+        return self._out / f".{self.name}.staging-{self._set_id}"
+
+    def _claim(self, trainer) -> None:
+        """Rank 0 claims the output folder for this prediction's set; every rank learns the set id or the refusal."""
+        decision = (None, None)
+        if trainer.is_global_zero:
+            lock = SetLock(self._out, self.name, uuid.uuid4().hex[:12])
+            try:
+                removed = lock.acquire()
+                decision, self._lock = (lock.set_id, None), lock
+                if removed:
+                    rank_zero_info(f"Removed what an interrupted prediction left in {self._out}: {', '.join(removed)}")
+            except InputError as err:
+                decision = (None, str(err))
+        self._set_id, refusal = trainer.strategy.broadcast(decision)
+        if refusal is not None:
+            raise InputError(refusal)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            for folder in (self._parts_dir(), self._staging_dir()):
+                shutil.rmtree(folder, ignore_errors=True)
+            self._lock.release()
+            self._lock = None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Disk full, a file-size limit, a quota: one line naming the map, not a traceback."""
+        try:
+            yield
+        except (OSError, RasterioError) as err:
+            failure = write_failure(err, self._out / f"{self.name}.tif")
+            if failure is None:
+                raise
+            raise failure from None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._part = self._probs = self._conf = None
+        self._release()
 
     def on_predict_start(self, trainer, pl_module) -> None:
         from rsfusion.lightning_modules.reporting import Progress
 
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         self._out = Path(self.output_dir or Path(log_dir or trainer.default_root_dir) / "predictions")
+        self._claim(trainer)
         parts = self._parts_dir()
         if trainer.is_global_zero:
-            shutil.rmtree(parts, ignore_errors=True)
             parts.mkdir(parents=True)
         trainer.strategy.barrier("map_parts_ready")
         shape = trainer.datamodule.shape
         rank = trainer.global_rank
-        self._part = np.lib.format.open_memmap(parts / f"rank{rank}.npy", mode="w+", dtype=np.uint16, shape=shape)
         k = len(trainer.datamodule.class_names)
-        self._probs = np.lib.format.open_memmap(parts / f"rank{rank}.probabilities.npy", mode="w+", dtype=np.float16,
-                                                shape=(k, *shape)) if self.probabilities != "none" else None
-        self._conf = np.lib.format.open_memmap(parts / f"rank{rank}.confidence.npy", mode="w+", dtype=np.float32,
-                                               shape=(len(self.confidence), *shape)) if self.confidence else None
+        with self._writing():
+            self._part = disk_array(parts / f"rank{rank}.npy", np.uint16, shape)
+            self._probs = disk_array(parts / f"rank{rank}.probabilities.npy", np.float16,
+                                     (k, *shape)) if self.probabilities != "none" else None
+            self._conf = disk_array(parts / f"rank{rank}.confidence.npy", np.float32,
+                                    (len(self.confidence), *shape)) if self.confidence else None
         # the model computes class probabilities only when a map asks for them
         pl_module.predict_probabilities = self.wants_probabilities
         self._samples = self._double = 0
@@ -191,51 +254,63 @@ class ClassificationMapWriter(BasePredictionWriter):
             return
         dm = trainer.datamodule
         expected = len(dm.predict_dataset)
-        png = self._out / f"{self.name}.png"
-        paths, predicted = self._merge(parts, trainer.world_size, expected, dm)
-        shutil.rmtree(parts, ignore_errors=True)
-        render_png(png, read_preview(paths["tif"], self.PNG_MAX_SIDE), dm.class_names, dm.palette,
-                   title=type(pl_module).__name__)
-        self.paths = {**paths, "png": png}
+        staging = self._staging_dir()
+        try:
+            with self._writing():
+                paths, predicted = self._merge(parts, trainer.world_size, expected, dm, staging)
+                shutil.rmtree(parts, ignore_errors=True)
+                png = staging / f"{self.name}.png"
+                render_png(png, read_preview(paths["tif"], self.PNG_MAX_SIDE), dm.class_names, dm.palette,
+                           title=type(pl_module).__name__)
+                ckpt = getattr(trainer, "ckpt_path", None)
+                commit(staging, self._out, self.name, self._set_id, None if ckpt is None else str(ckpt))
+        finally:
+            self._release()
+        self.paths = {key: self._out / path.name for key, path in {**paths, "png": png}.items()}
+        self.paths["manifest"] = manifest_path(self._out, self.name)
         seconds = time.perf_counter() - self._start
         written = ", ".join(str(path) for key, path in self.paths.items())
         rank_zero_info(f"Classification map written to {written} ({predicted:,} pixels "
                        f"predicted in {seconds:.1f} s)")
         from rsfusion.lightning_modules.reporting import log_picture
 
-        log_picture(trainer, "predict/classification_map", png, f"{type(pl_module).__name__} classification map")
+        log_picture(trainer, "predict/classification_map", self.paths["png"],
+                    f"{type(pl_module).__name__} classification map")
 
-    def _writers(self, shape: tuple[int, int], dm) -> dict[str, GeoTiffWriter]:
-        """The GeoTIFFs to write: the class map, and the probability and confidence rasters if asked for."""
+    def _writers(self, shape: tuple[int, int], dm, folder: Path) -> dict[str, GeoTiffWriter]:
+        """The GeoTIFFs to write in ``folder``: the class map, and the probability and confidence rasters if
+        asked for, each tagged with the set's id."""
         k = len(dm.class_names)
         crs, transform = dm.reference.crs, dm.reference.transform
         names = json.dumps(list(dm.class_names))
+        tag = {SET_TAG: self._set_id}
         dtype = np.uint8 if k < 255 else np.uint16
         colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in enumerate(dm.palette)}} if k < 255 else None
         writers = {"tif": GeoTiffWriter(
-            self._out / f"{self.name}.tif", shape, dtype, crs, transform, nodata=0, colormap=colormap,
-            descriptions=["class"], tags={"CLASS_NAMES": names}, category_names=["no data", *dm.class_names],
+            folder / f"{self.name}.tif", shape, dtype, crs, transform, nodata=0, colormap=colormap,
+            descriptions=["class"], tags={"CLASS_NAMES": names, **tag}, category_names=["no data", *dm.class_names],
             cog=self.cog, resampling="nearest")}
         if self.probabilities != "none":
             uint8 = self.probabilities == "uint8"
             writers["probabilities"] = GeoTiffWriter(
-                self._out / f"{self.name}_probabilities.tif", shape, np.uint8 if uint8 else np.float16, crs,
+                folder / f"{self.name}_probabilities.tif", shape, np.uint8 if uint8 else np.float16, crs,
                 transform, nodata=None if uint8 else float("nan"), count=k, descriptions=list(dm.class_names),
-                tags={"CLASS_NAMES": names, "PROBABILITY_SCALE": "1/255" if uint8 else "1"}, scale=1 / 255 if uint8
+                tags={"CLASS_NAMES": names, "PROBABILITY_SCALE": "1/255" if uint8 else "1", **tag},
+                scale=1 / 255 if uint8
                 else None, cog=self.cog, resampling="average")
         if self.confidence:
             writers["confidence"] = GeoTiffWriter(
-                self._out / f"{self.name}_confidence.tif", shape, np.float32, crs, transform, nodata=float("nan"),
+                folder / f"{self.name}_confidence.tif", shape, np.float32, crs, transform, nodata=float("nan"),
                 count=len(self.confidence), descriptions=[CONFIDENCE_DESCRIPTIONS[m] for m in self.confidence],
-                tags={"CONFIDENCE_MEASURES": json.dumps(self.confidence)}, cog=self.cog, resampling="average")
+                tags={"CONFIDENCE_MEASURES": json.dumps(self.confidence), **tag}, cog=self.cog, resampling="average")
         return writers
 
     def _strip_rows(self, width: int, bands: int, world_size: int) -> int:
         rows = self.STRIP_BYTES // max(1, width * bands * 4 * world_size)
         return int(min(self.STRIP_ROWS, max(16, rows)))
 
-    def _merge(self, parts: Path, world_size: int, expected: int, dm) -> tuple[dict[str, Path], int]:
-        """Merge the ranks' parts into the GeoTIFFs (atomically); returns their paths and the predicted pixels."""
+    def _merge(self, parts: Path, world_size: int, expected: int, dm, folder: Path) -> tuple[dict[str, Path], int]:
+        """Merge the ranks' parts into the GeoTIFFs in ``folder``; returns their paths and the predicted pixels."""
         missing = [f"rank{r}.json" for r in range(world_size) if not (parts / f"rank{r}.json").is_file()]
         if missing:
             raise RuntimeError(f"{parts}: no prediction part from {', '.join(missing)}; with several nodes the "
@@ -248,7 +323,7 @@ class ClassificationMapWriter(BasePredictionWriter):
         shape = maps[0].shape
         bands = max([1] + [p[0].shape[0] for p in extra.values()])
         step = self._strip_rows(shape[1], bands, world_size)
-        writers = self._writers(shape, dm)
+        writers = self._writers(shape, dm, folder)
         predicted = 0
         with contextlib.ExitStack() as stack:
             outs = {key: stack.enter_context(w) for key, w in writers.items()}

@@ -51,15 +51,16 @@ def test_agrees_exactly_with_lightning_test_on_the_map_lightning_predict_writes(
 
 
 def _numpy_scores(labels: np.ndarray, class_map: np.ndarray, k: int) -> dict:
-    """Independent definitions: confusion matrix K x (K + 1) with a "no prediction" column."""
+    """Independent definitions: confusion matrix K x (K + 1) with a "no prediction" column; a class without
+    reference pixels has no accuracy (NaN) and AA averages the classes with reference pixels only."""
     scored = labels > 0
     t, p = labels[scored] - 1, class_map[scored]
     p = np.where(p == 0, k, p - 1)
     cm = np.zeros((k, k + 1), dtype=np.int64)
     np.add.at(cm, (t, p), 1)
     n = cm.sum()
-    recall = np.array([cm[i, i] / cm[i].sum() if cm[i].sum() else 0.0 for i in range(k)])
-    present = (cm.sum(1) + cm[:, :k].sum(0)) > 0
+    recall = np.array([cm[i, i] / cm[i].sum() if cm[i].sum() else np.nan for i in range(k)])
+    present = cm.sum(1) > 0
     po = np.trace(cm[:, :k]) / n
     pe = (cm.sum(1) * cm[:, :k].sum(0)).sum() / n ** 2
     return {"OA": po, "AA": recall[present].mean(), "kappa": (po - pe) / (1 - pe), "recall": recall, "cm": cm}
@@ -86,7 +87,9 @@ def test_metrics_match_an_independent_numpy_computation_in_any_strip_size(tmp_pa
         assert report["no_prediction_pixels"] == (int(((class_map == 0) & (labels > 0)).sum()) if with_gaps else 0)
         np.testing.assert_allclose([report["OA"], report["AA"], report["kappa"]],
                                    [expected["OA"], expected["AA"], expected["kappa"]], rtol=1e-6)
-        np.testing.assert_allclose([v["accuracy"] for v in report["per_class"].values()], expected["recall"], rtol=1e-6)
+        accuracies = [np.nan if v["accuracy"] is None else v["accuracy"] for v in report["per_class"].values()]
+        np.testing.assert_allclose(accuracies, expected["recall"], rtol=1e-6)  # NaN where NaN
+        assert report["per_class"]["class 3"]["accuracy"] is None  # predicted, but not in the reference
         np.testing.assert_array_equal(report["confusion_matrix"], expected["cm"][:, :4])
         np.testing.assert_array_equal(report["no_prediction"], expected["cm"][:, 4])
     assert reports[0] == reports[1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from contextlib import nullcontext
 
 import lightning as L
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
 
-from rsfusion.lightning_modules.base import FusionClassifier, classification_metrics
+from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.metrics import classification_metrics, per_class_accuracy
 from rsfusion.lightning_modules.reporting import TestReport
 
 
@@ -24,6 +26,29 @@ def test_oa_aa_kappa_match_scikit_learn():
     assert out["OA"] == pytest.approx((pred == target).mean(), abs=1e-6)
     assert out["AA"] == pytest.approx(balanced_accuracy_score(target, pred), abs=1e-6)
     assert out["kappa"] == pytest.approx(cohen_kappa_score(target, pred), abs=1e-5)
+
+
+@pytest.mark.parametrize("predicted", [True, False])
+def test_aa_averages_the_classes_of_the_reference_whatever_the_model_predicts(predicted):
+    """Class 2 has no reference pixel: its accuracy is NaN and AA is the mean over classes 0, 1, 3, whether
+    or not the model predicts class 2 (torchmetrics' macro average counts it as 0 once predicted)."""
+    rng = np.random.default_rng(5)
+    target = rng.choice([0, 1, 3], size=500)
+    pred = np.where(rng.random(500) < 0.7, target, rng.choice([0, 1, 3], size=500))
+    if predicted:
+        pred[:40] = 2
+    metrics = classification_metrics(4)
+    per_class = per_class_accuracy(["a", "b", "c", "d"], "test/")
+    for metric in (metrics, per_class):
+        metric.update(torch.from_numpy(pred), torch.from_numpy(target))
+    recall = [((pred == c) & (target == c)).sum() / (target == c).sum() for c in (0, 1, 3)]
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true") if predicted else nullcontext():
+        balanced = balanced_accuracy_score(target, pred)
+    assert metrics.compute()["AA"].item() == pytest.approx(np.mean(recall), abs=1e-6)
+    assert metrics.compute()["AA"].item() == pytest.approx(balanced, abs=1e-6)
+    accuracies = {k: v.item() for k, v in per_class.compute().items()}
+    assert np.isnan(accuracies["test/acc_c"])
+    assert [accuracies[f"test/acc_{n}"] for n in "abd"] == pytest.approx(recall, abs=1e-6)
 
 
 def test_unlabelled_pixels_are_ignored_in_dense_metrics():

@@ -58,8 +58,9 @@ def test_an_unlabelled_scene_is_mapped_with_everything_else_from_the_checkpoint(
         assert src.crs == hsi.crs and src.transform == hsi.transform
         assert src.colormap(1)[3][:3] == (255, 225, 25)  # the checkpoint's palette
     assert classes.min() >= 1 and classes.max() <= len(HSI_CLASSES)
-    assert sorted(p.name for p in out.iterdir()) == ["classification_map.png", "classification_map.tif",
-                                                      "classification_map.tif.aux.xml"]  # defaults: no extra rasters
+    assert sorted(p.name for p in out.iterdir()) == [  # defaults: no extra rasters, nothing left behind
+        "classification_map.manifest.json", "classification_map.png", "classification_map.tif",
+        "classification_map.tif.aux.xml"]
 
     # the same scene through the training config in full (SyntheticDataModule, another scene seed, with labels)
     full = _predict(tmp, "full_config", "--config", str(config), "--ckpt_path", str(ckpt),

@@ -125,7 +125,7 @@ def test_ckpt_path_last_without_a_run_is_a_one_line_error_for_test(tmp_path, cap
         main(["test", *_tiny(tmp_path / "scene", tmp_path / "empty"), "--ckpt_path", "last"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: --ckpt_path last: no last checkpoint under {tmp_path / 'empty'}/*/checkpoints (set "
+        f"error: --ckpt_path last: no checkpoint matches {tmp_path / 'empty'}/*/checkpoints/last.ckpt (set "
         "--trainer.default_root_dir to the run's root, or give the file)")
 
 
