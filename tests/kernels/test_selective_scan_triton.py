@@ -34,8 +34,8 @@ N_TESTS_HERE = 16  # tests that run in the subprocess: those marked runs_here an
 def test_triton_tests_in_interpreter_subprocess():
     repo = ROOT
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                             str(Path(__file__))], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     report = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, report
     passed = re.search(r"(\d+) passed", result.stdout)
