@@ -7,7 +7,7 @@ from rsfusion.datamodules.benchmarks import (
                                     MUUFLDataModule,
                                     TrentoDataModule,
 )
-from rsfusion.datamodules.io import InputError, RasterError
+from rsfusion.datamodules.errors import InputError, RasterError
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import SyntheticDataModule
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 
 Batch = dict[str, Tensor]
 

@@ -14,9 +14,11 @@ from typing import Any, ClassVar
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from rsfusion.datamodules.io import InputError, RasterError, atomic_path, mat_keys, split_key
+from rsfusion.datamodules.errors import InputError, RasterError
+from rsfusion.datamodules.io import mat_keys, split_key
 from rsfusion.datamodules.known_releases import format_card, split_card
 from rsfusion.datamodules.raster import RasterDataModule
+from rsfusion.datamodules.writing import atomic_path
 
 Candidates = dict[str, list[str]]
 SPLIT_ROLES = ("train", "test", "labels", "class_map")

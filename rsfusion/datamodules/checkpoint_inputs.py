@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 
 # RasterDataModule options that name files of one scene: never carried from a checkpoint to another scene
 SCENE_FILES = ("modalities", "train_labels", "test_labels", "val_labels", "labels")

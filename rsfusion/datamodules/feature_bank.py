@@ -3,7 +3,7 @@
 A feature bank is a (F, H, W) array on a scene's reference grid (e.g. BDGF's diffusion features).
 Banks are expensive to compute and large, so they are cached as fp16 ``.npy`` files named by a key
 that hashes everything they depend on (:func:`cache_key`). Files are written to a temporary name
-and renamed (:func:`rsfusion.datamodules.io.atomic_path`), and every load checks the shape and the values,
+and renamed (:func:`rsfusion.datamodules.writing.atomic_path`), and every load checks the shape and the values,
 so a truncated or half-written file is reported and rebuilt, never used.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rsfusion.datamodules.io import InputError, atomic_path
+from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.writing import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsfusion.datamodules.io import RasterError, RasterHeader, read_header, read_labels, read_raster
+from rsfusion.datamodules.errors import RasterError
+from rsfusion.datamodules.io import RasterHeader, read_header, read_labels, read_raster
 from rsfusion.datamodules.scene import check_label_grid
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Literal, Mapping
 
 import numpy as np
 
-from rsfusion.datamodules.io import Raster, RasterError
+from rsfusion.datamodules.errors import RasterError
+from rsfusion.datamodules.io import Raster
 from rsfusion.datamodules.tiling import Window, block_mask
 
 Normalization = Literal["zscore", "minmax", "minmax_global", "none"]

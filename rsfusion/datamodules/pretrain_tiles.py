@@ -41,7 +41,7 @@ def random_tiles(scene: Tensor, count: int, tile: int, generator: torch.Generato
 def unpadded_modalities(scene, names) -> dict[str, np.ndarray]:
     """The normalised (C, H, W) arrays of ``names`` of a loaded :class:`~rsfusion.datamodules.scene.Scene`
     without its reflect padding; every modality must lie on the reference grid."""
-    from rsfusion.datamodules.io import InputError
+    from rsfusion.datamodules.errors import InputError
 
     bad = [n for n in names if scene.ratios.get(n, 1) != 1]
     if bad:

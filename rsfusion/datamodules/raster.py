@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
 from rsfusion.datamodules.checkpoint_inputs import check_modalities, input_options
-from rsfusion.datamodules.io import InputError, RasterError, is_gdal_raster, read_header
+from rsfusion.datamodules.errors import InputError, RasterError
+from rsfusion.datamodules.io import is_gdal_raster, read_header
 from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
 from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers
 from rsfusion.datamodules.sampling import (

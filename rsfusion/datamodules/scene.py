@@ -7,7 +7,8 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 from affine import Affine
 
-from rsfusion.datamodules.io import Raster, RasterError, RasterHeader, read_header, read_raster, same_crs
+from rsfusion.datamodules.errors import RasterError
+from rsfusion.datamodules.io import Raster, RasterHeader, read_header, read_raster, same_crs
 from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers, in_memory_reader
 from rsfusion.datamodules.tiling import coarse_valid
 

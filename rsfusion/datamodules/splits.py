@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import maximum_filter
 
-from rsfusion.datamodules.io import InputError, RasterError
+from rsfusion.datamodules.errors import InputError, RasterError
 
 
 def _blocks(shape: tuple[int, int], block_size: int) -> np.ndarray:

@@ -21,9 +21,9 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from scipy.ndimage import gaussian_filter, zoom
 
-from rsfusion.datamodules.io import atomic_path, write_geotiff
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.splits import block_split
+from rsfusion.datamodules.writing import atomic_path, write_geotiff
 
 SceneKind = Literal["hsi_dsm", "hsi_sar", "ms_pan"]
 VERSION = 2

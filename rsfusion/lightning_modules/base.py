@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from rsfusion.datamodules.checkpoint_inputs import check_modalities
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.sampling import IGNORE_INDEX
 from rsfusion.lightning_modules.metrics import classification_metrics, per_class_accuracy
 

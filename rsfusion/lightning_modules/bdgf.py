@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.feature_bank import (
     array_digest,
     bank_patches,
@@ -51,9 +52,9 @@ from rsfusion.datamodules.feature_bank import (
     read_external_bank,
     save_bank,
 )
-from rsfusion.datamodules.io import InputError, atomic_path
 from rsfusion.datamodules.pretrain_tiles import unpadded_modalities
 from rsfusion.datamodules.sampling import IGNORE_INDEX
+from rsfusion.datamodules.writing import atomic_path
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.bdgf_features import build_feature_bank, feature_cube_channels
 from rsfusion.lightning_modules.bdgf_pretrain import (

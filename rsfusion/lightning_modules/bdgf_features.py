@@ -207,7 +207,7 @@ def main(args: list[str] | None = None) -> None:
     ``--model.init_args.feature_bank <path>`` gives it to any other run."""
     import sys
 
-    from rsfusion.datamodules.io import InputError
+    from rsfusion.datamodules.errors import InputError
     from rsfusion.lightning_modules.bdgf import BDGF
     from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.networks.bdgf_diffusion import (

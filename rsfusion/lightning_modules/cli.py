@@ -22,7 +22,8 @@ from rsfusion import (
     lightning_modules,  # noqa: F401  (registers the models)
 )
 from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, read_checkpoint_inputs
-from rsfusion.datamodules.io import InputError, read_header
+from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.io import read_header
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.lightning_modules.base import FusionClassifier
 from rsfusion.lightning_modules.callbacks import default_callbacks

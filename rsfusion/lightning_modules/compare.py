@@ -160,7 +160,7 @@ def maps_figure(path: Path, results: list[RunResult]) -> None:
     import rasterio
     from matplotlib.patches import Patch
 
-    from rsfusion.datamodules.io import atomic_path
+    from rsfusion.datamodules.writing import atomic_path
 
     firsts = [next(r for r in results if r.label == label) for label in dict.fromkeys(r.label for r in results)]
     firsts = [r for r in firsts if r.map_path is not None]

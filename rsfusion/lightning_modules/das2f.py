@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.networks.das2f import DAS2FNet
 from rsfusion.lightning_modules.networks.layers import check_scan_backend

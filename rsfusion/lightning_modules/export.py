@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.scene import Normalizer
 
 ONNX_HINT = 'pip install "rsfusion[export]"'

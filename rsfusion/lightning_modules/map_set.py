@@ -23,14 +23,11 @@ import shutil
 import socket
 from pathlib import Path
 
-from rsfusion.datamodules.io import InputError, atomic_path
+from rsfusion.datamodules.errors import InputError, OutputError
+from rsfusion.datamodules.writing import atomic_path
 
 MANIFEST_FORMAT = "rsfusion-map-set-v1"
 SET_TAG = "RSFUSION_MAP_SET"  # GeoTIFF tag of every raster of a set: the set's id
-
-
-class OutputError(InputError):
-    """An output that cannot be written (no space left, a file-size limit...): one line naming the file."""
 
 
 def manifest_path(output_dir: Path, name: str) -> Path:

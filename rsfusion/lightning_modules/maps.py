@@ -17,7 +17,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from rasterio.errors import RasterioError
 
-from rsfusion.datamodules.io import GeoTiffWriter, InputError, atomic_path, read_preview
+from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.io import read_preview
+from rsfusion.datamodules.writing import GeoTiffWriter, atomic_path
 from rsfusion.lightning_modules.map_set import SET_TAG, SetLock, commit, manifest_path, write_failure
 
 log = logging.getLogger(__name__)

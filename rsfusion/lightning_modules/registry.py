@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 
 from rsfusion.datamodules.checkpoint_inputs import read_checkpoint  # noqa: F401  (re-exported)
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules.base import FusionClassifier
 from rsfusion.lightning_modules.baseline import TwoBranchCNN
 from rsfusion.lightning_modules.bdgf import BDGF

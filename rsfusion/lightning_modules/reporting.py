@@ -21,7 +21,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from rsfusion.datamodules.io import atomic_path
+from rsfusion.datamodules.writing import atomic_path
 
 log = logging.getLogger(__name__)
 

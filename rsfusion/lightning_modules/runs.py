@@ -24,7 +24,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 
 RUN_LOGGER = {"class_path": "rsfusion.lightning_modules.runs.RunLogger"}
 RUN_CHECKPOINTS = [

@@ -12,7 +12,7 @@ import yaml
 
 from rsfusion.datamodules import RasterDataModule
 from rsfusion.datamodules.augment import BatchAugmenter, batch_generator, dihedral
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from tests.conftest import tiny_config, write_tif
 
 H, W, R = 32, 40, 4  # PAN at 4x

@@ -102,7 +102,7 @@ def test_nan_inf_pixels_are_masked_and_all_nodata_is_refused(grid):
 
 
 def test_too_large_or_even_patch(grid):
-    from rsfusion.datamodules.io import InputError
+    from rsfusion.datamodules.errors import InputError
 
     with pytest.raises(InputError, match=r"patch_size 9 is larger than the scene \(8, 8\) of .*a\.tif") as err:
         _dm(grid, patch_size=9)
@@ -118,7 +118,7 @@ def test_too_large_or_even_patch(grid):
 
 
 def test_checkpoint_band_counts_must_match_the_data():
-    from rsfusion.datamodules.io import InputError
+    from rsfusion.datamodules.errors import InputError
     from rsfusion.lightning_modules import TwoBranchCNN
 
     model = TwoBranchCNN(in_channels={"hsi": 48, "dsm": 1}, num_classes=6, width=4)
@@ -138,7 +138,7 @@ def test_checkpoint_band_counts_must_match_the_data():
 def test_evaluation_set_smaller_than_the_process_count_is_refused(grid):
     from types import SimpleNamespace
 
-    from rsfusion.datamodules.io import InputError
+    from rsfusion.datamodules.errors import InputError
 
     dm = _dm(grid)
     dm.setup("test")

@@ -6,7 +6,8 @@ import pytest
 import scipy.io
 
 from rsfusion.datamodules import RasterDataModule, RasterError
-from rsfusion.datamodules.io import atomic_path, read_labels, read_raster
+from rsfusion.datamodules.io import read_labels, read_raster
+from rsfusion.datamodules.writing import atomic_path
 from tests.conftest import write_tif
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rsfusion.datamodules import RasterDataModule
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.normalization import fit_normalizers
 from rsfusion.datamodules.scene import load_scene
 from rsfusion.datamodules.tiling import grid_windows

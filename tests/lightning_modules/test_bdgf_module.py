@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from rsfusion.datamodules.benchmarks import AugsburgDataModule, BerlinDataModule
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.feature_bank import array_digest, cache_key, load_bank
-from rsfusion.datamodules.io import InputError
 from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import ensure_scene

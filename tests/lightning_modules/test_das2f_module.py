@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules import DAS2F
 from tests.conftest import TINY_DAS2F as TINY
 from tests.conftest import tiny_config

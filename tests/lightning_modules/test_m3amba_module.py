@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules import M3amba
 from tests.conftest import TINY_M3AMBA as TINY
 from tests.conftest import tiny_config

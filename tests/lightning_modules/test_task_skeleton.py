@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rsfusion.datamodules import SyntheticDataModule
-from rsfusion.datamodules.io import InputError
+from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules import BDGF, DAS2F, BDGFPretrain, M3amba, TwoBranchCNN
 from rsfusion.lightning_modules.base import FusionClassifier
 
