@@ -15,7 +15,7 @@ import torch
 
 from rsfusion.datamodules import SyntheticDataModule
 from rsfusion.lightning_modules import TwoBranchCNN
-from rsfusion.lightning_modules.maps import ClassificationMapWriter
+from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter
 
 
 def main() -> None:

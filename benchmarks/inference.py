@@ -56,8 +56,8 @@ def predict_map(name: str, option: str, work: Path) -> tuple[float, np.ndarray]:
     import rasterio
 
     from rsfusion.datamodules.synthetic import SyntheticDataModule
-    from rsfusion.lightning_modules.inference import InferencePrecision
-    from rsfusion.lightning_modules.maps import ClassificationMapWriter
+    from rsfusion.lightning_modules.outputs.inference import InferencePrecision
+    from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter
 
     kind, side, options = SCENES[name]
     dm = SyntheticDataModule(kind=kind, root=str(work / "scenes"), scene_height=side, scene_width=side,

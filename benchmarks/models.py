@@ -137,7 +137,7 @@ def predict_scene(model, scene: dict, args) -> dict:
     import lightning as L
 
     from rsfusion.datamodules import SyntheticDataModule
-    from rsfusion.lightning_modules.maps import ClassificationMapWriter
+    from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter
 
     with tempfile.TemporaryDirectory() as root:
         dm = SyntheticDataModule(root=root, scene_height=args.scene, scene_width=args.scene,

@@ -55,7 +55,7 @@ def child(paths: dict[str, str], window: int | None, out_dir: str) -> dict:
 
     from rsfusion.datamodules import RasterDataModule
     from rsfusion.lightning_modules import TwoBranchCNN
-    from rsfusion.lightning_modules.maps import ClassificationMapWriter
+    from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter
 
     torch.manual_seed(0)
     dm = RasterDataModule({"hsi": paths["hsi"], "dsm": paths["dsm"]}, train_labels=paths["train"],

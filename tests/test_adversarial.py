@@ -23,7 +23,7 @@ import rasterio
 import torch
 
 from rsfusion.lightning_modules import evaluate, map_set
-from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.commands.cli import main
 from tests.conftest import tiny_config
 
 NAMES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
@@ -199,7 +199,7 @@ def test_a_failed_repredict_leaves_the_previous_set_whole(demo, tmp_path, capsys
     def fail(*args, **kwargs):
         raise RuntimeError("killed while rendering the preview")
 
-    monkeypatch.setattr("rsfusion.lightning_modules.maps.render_png", fail)
+    monkeypatch.setattr("rsfusion.lightning_modules.outputs.maps.render_png", fail)
     with pytest.raises(RuntimeError, match="killed while rendering"):
         main(_predict_args(demo, out, "--map.probabilities", "float16", "--map.confidence", "max"))
     assert _digests(out) == before  # the new rasters never reached the folder

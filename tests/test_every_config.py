@@ -16,7 +16,7 @@ import pytest
 import rasterio
 import yaml
 
-from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.commands.cli import main
 from tests.conftest import CONFIGS, E2E_TRAINER, redirect_outputs
 from tests.data import releases
 

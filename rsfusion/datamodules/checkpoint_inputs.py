@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -55,12 +55,6 @@ class CheckpointInputs:
                          what="bands" if self.raw_bands else "channels")
 
 
-def _raster_options() -> set[str]:
-    from rsfusion.datamodules.raster import RasterDataModule
-
-    return set(inspect.signature(RasterDataModule.__init__).parameters) - {"self"}
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint file's content (tensors and plain types only: ``weights_only``), or a one-line error."""
     try:
@@ -73,8 +67,14 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def read_checkpoint_inputs(path: str | Path) -> CheckpointInputs:
-    """Read what ``path`` (a Lightning checkpoint of a RasterDataModule run) says about its input."""
+def init_options(datamodule_class: type) -> set[str]:
+    """The arguments of ``datamodule_class``'s constructor."""
+    return set(inspect.signature(datamodule_class.__init__).parameters) - {"self"}
+
+
+def read_checkpoint_inputs(path: str | Path, data_options: Collection[str]) -> CheckpointInputs:
+    """Read what ``path`` (a Lightning checkpoint of a RasterDataModule run) says about its input; of its
+    DataModule options, those named in ``data_options`` (the RasterDataModule's, :func:`init_options`)."""
     ckpt = read_checkpoint(path)
     model_hp = dict(ckpt.get("hyper_parameters") or {})
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
@@ -84,7 +84,7 @@ def read_checkpoint_inputs(path: str | Path) -> CheckpointInputs:
         if isinstance(value, dict) and "normalizers" in value and (not data_class or data_class.endswith(key)):
             state = value
     saved = dict((state or {}).get("input") or {})
-    allowed = _raster_options() - set(SCENE_FILES)
+    allowed = set(data_options) - set(SCENE_FILES)
     if saved:
         data = {k: v for k, v in saved.items() if k in allowed}
         in_channels = {name: int(c) for name, c in saved["in_channels"]}

@@ -13,6 +13,14 @@ class InputError(ValueError):
         super().__init__(*args)
         InputError.latest = self
 
+    @staticmethod
+    def within(err: BaseException) -> "InputError | None":
+        """``err`` itself, or the latest InputError when a library (jsonargparse) re-wrapped it into ``err``."""
+        if isinstance(err, InputError):
+            return err
+        latest = InputError.latest
+        return latest if latest is not None and str(latest) in str(err) else None
+
 
 class RasterError(InputError):
     """A raster (or label map) that cannot be used as it is; the message names the file."""

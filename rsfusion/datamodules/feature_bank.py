@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.scene import pad_edges
 from rsfusion.datamodules.writing import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["array_digest", "bank_patches", "cache_key", "external_bank_channels", "load_bank", "open_bank",
-           "read_external_bank", "save_bank"]
+__all__ = ["FEATURE_KEY", "array_digest", "bank_patches", "cache_key", "external_bank_channels", "load_bank",
+           "open_bank", "read_external_bank", "save_bank"]
+
+FEATURE_KEY = "ddpm_features"  # the scene modality (and batch key) holding BDGF's diffusion feature patches
 
 
 def array_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -117,8 +120,6 @@ def bank_patches(bank: np.ndarray, rows: np.ndarray, cols: np.ndarray, patch_siz
     """(B, F, p, p) float32 patches of a (F, H, W) bank around pixels (rows, cols), as the in-memory scene
     cuts them (:class:`~rsfusion.datamodules.sampling.PixelPatchDataset`: the pixel at index (p-1)//2,
     the scene edges padded by ``pad_mode``), reading only the block the pixels span."""
-    from rsfusion.datamodules.scene import pad_edges
-
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     _, h, w = bank.shape
     before, after = (patch_size - 1) // 2, patch_size // 2

@@ -9,10 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import rasterio
 import rasterio.enums
 import rasterio.windows
+import scipy.io
 from affine import Affine
 from rasterio.errors import RasterioError, RasterioIOError
 
@@ -79,9 +81,6 @@ def _to_chw(array: np.ndarray, path: Path, channels_last: bool) -> np.ndarray:
 
 
 def _load_mat(path: Path, key: str | None) -> np.ndarray:
-    import h5py
-    import scipy.io
-
     try:
         if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5; h5py sees their arrays transposed
             with h5py.File(path, "r") as f:
@@ -102,9 +101,6 @@ def _load_mat(path: Path, key: str | None) -> np.ndarray:
 
 def mat_keys(path: str | os.PathLike) -> list[str]:
     """The variable names in a ``.mat`` file (v5 or v7.3), without reading the arrays."""
-    import h5py
-    import scipy.io
-
     path = _check_exists(path)
     try:
         if h5py.is_hdf5(path):

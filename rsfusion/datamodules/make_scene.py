@@ -1,4 +1,4 @@
-"""Write a built-in synthetic scene's GeoTIFFs: ``python -m rsfusion.datamodules.make_scene --seed 1``.
+"""``rsfusion make-scene``: write a built-in synthetic scene's GeoTIFFs (``rsfusion make-scene --seed 1``).
 
 The scenes :class:`~rsfusion.datamodules.synthetic.SyntheticDataModule` trains on, as files: another seed
 gives another scene of the same kind (other class regions, spectra drawn anew), e.g. to map with a
@@ -12,8 +12,7 @@ from rsfusion.datamodules.synthetic import ensure_scene
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m rsfusion.datamodules.make_scene",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rsfusion make-scene", description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="hsi_dsm", choices=["hsi_dsm", "hsi_sar", "ms_pan"])
     parser.add_argument("--seed", type=int, default=0, help="the scene generator's seed (default 0)")
     parser.add_argument("--root", default="data/synthetic", help="files go to <root>/<kind>-seed<seed>/")
@@ -25,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
+
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from rsfusion.datamodules.errors import InputError
+
 __all__ = ["RandomSceneTiles", "pad_to_tile", "random_tiles", "unpadded_modalities"]
 
 
@@ -41,8 +43,6 @@ def random_tiles(scene: Tensor, count: int, tile: int, generator: torch.Generato
 def unpadded_modalities(scene, names) -> dict[str, np.ndarray]:
     """The normalised (C, H, W) arrays of ``names`` of a loaded :class:`~rsfusion.datamodules.scene.Scene`
     without its reflect padding; every modality must lie on the reference grid."""
-    from rsfusion.datamodules.errors import InputError
-
     bad = [n for n in names if scene.ratios.get(n, 1) != 1]
     if bad:
         raise InputError(f"unlabelled tiles need every modality on one grid; {bad} are finer than the reference "

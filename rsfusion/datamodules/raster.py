@@ -18,6 +18,7 @@ from rsfusion.datamodules.errors import InputError, RasterError
 from rsfusion.datamodules.io import is_gdal_raster, read_header
 from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
 from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers
+from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.datamodules.sampling import (
     IGNORE_INDEX,
     ClassBalancedSampler,
@@ -459,8 +460,6 @@ class RasterDataModule(L.LightningDataModule):
             self.predict_dataset = self._predict_dataset()
 
     def _unlabelled_tiles(self):
-        from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
-
         options = dict(self.hparams.pretrain_tiles)
         if set(options) != {"tile", "per_epoch"}:
             raise InputError(f"pretrain_tiles: expected the keys tile and per_epoch, got {sorted(options)}")

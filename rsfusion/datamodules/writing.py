@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
@@ -130,8 +131,6 @@ def write_category_names(path: str | os.PathLike, names: Sequence[str] | None) -
     """Band 1's category names (value 0, 1, ...) in GDAL's ``.aux.xml`` sidecar (GDAL's
     ``GetCategoryNames``, which QGIS uses to label a paletted raster's classes); GeoTIFF has no tag
     for them. Without ``names`` a stale sidecar of an earlier file is removed."""
-    from xml.sax.saxutils import escape
-
     sidecar = Path(f"{path}.aux.xml")
     if not names:
         sidecar.unlink(missing_ok=True)

@@ -22,10 +22,7 @@ import threading
 
 import torch
 
-from rsfusion.kernels.scan_torch import (  # a new (L, batch, ...) copy, transposed in cache-sized blocks
-    _length_last,
-    _time_major,
-)
+from rsfusion.kernels.layout import length_last, time_major
 
 __all__ = ["scan_core_inference", "fast_inference_scan", "fast_inference_scan_enabled", "BATCH_BLOCK", "CHUNK"]
 
@@ -73,14 +70,14 @@ def scan_core_inference(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
         b1 = min(b0 + block, batch)
         nb = b1 - b0
         # This block's inputs time-major, (L, nb, G, ...): every chunk below is a contiguous slab.
-        u_t = _time_major(u[b0:b1]).view(length, nb, groups, 1, per)
-        delta_t = _time_major(delta[b0:b1]).view(length, nb, groups, 1, per)
+        u_t = time_major(u[b0:b1]).view(length, nb, groups, 1, per)
+        delta_t = time_major(delta[b0:b1]).view(length, nb, groups, 1, per)
         if bias is not None:
             delta_t += bias
         if delta_softplus:
             delta_t = torch.nn.functional.softplus(delta_t, 1.0, 20.0)
-        B_t = _time_major(B[b0:b1])[..., None]  # (L, nb, G, N, 1)
-        C_t = _time_major(C[b0:b1])[..., None, :]  # (L, nb, G, 1, N)
+        B_t = time_major(B[b0:b1])[..., None]  # (L, nb, G, N, 1)
+        C_t = time_major(C[b0:b1])[..., None, :]  # (L, nb, G, 1, N)
         y_t = torch.empty_like(u_t)
         previous = None
         for start in range(0, length, chunk_len):
@@ -100,5 +97,5 @@ def scan_core_inference(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
             if D_g is not None:
                 y_c.addcmul_(u_t[start:stop], D_g)
             previous = last[b0:b1].copy_(previous)  # the chunk buffers are overwritten next
-        y[b0:b1] = _length_last(y_t, nb, dim, length)
+        y[b0:b1] = length_last(y_t, nb, dim, length)
     return y, last.transpose(-1, -2).reshape(batch, dim, nstate)

@@ -36,6 +36,9 @@ a two-level chunked scan of the same recurrence 64 ms, spec §4.3 has the same f
 """
 import torch
 
+from rsfusion.kernels import scan_inference
+from rsfusion.kernels.layout import length_last, time_major, time_major_view
+
 __all__ = ["scan_core_torch", "CHUNK"]
 
 # Time steps per chunk (and between the states saved for backward): small enough for a chunk of
@@ -47,35 +50,9 @@ CHUNK = 16
 _LOOP_MAX_N = 4
 
 
-# Rows of a (rows, L) matrix transposed per copy: a block of ~1024 x L stays in cache, which makes
-# the transpose about twice as fast as one whole-matrix copy at the SS2D shapes.
-_TRANSPOSE_ROWS = 1024
-
-
-def _time_major(x):
-    """(batch, ..., L) -> a new contiguous (L, batch, ...), transposed in cache-sized blocks of rows."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = flat.new_empty(flat.shape[1], flat.shape[0])
-    for row in range(0, flat.shape[0], _TRANSPOSE_ROWS):
-        out[:, row:row + _TRANSPOSE_ROWS].copy_(flat[row:row + _TRANSPOSE_ROWS].t())
-    return out.view(x.shape[-1], *x.shape[:-1])
-
-
 def _softplus_(x, scratch):
     """x <- softplus(x) in place (identity above 20, as mamba's kernel), with a ``scratch`` like x."""
     return x.copy_(torch.ops.aten.softplus.out(x, 1.0, 20.0, out=scratch))
-
-
-def _time_major_view(x):
-    """A 2-D (L, batch * ...) view of a contiguous (batch, ..., L) tensor, for writing results chunk
-    by chunk straight into their final layout (no time-major buffer, no final transpose copy). Kept
-    2-D: copying into it is a 2-D transpose, several times faster than through an N-D permuted view."""
-    return x.view(-1, x.shape[-1]).t()
-
-
-def _length_last(x, *shape):
-    """(L, ...) -> contiguous ``shape`` whose last dim is L (the inverse of ``_time_major``)."""
-    return x.reshape(x.shape[0], -1).t().contiguous().view(*shape)
 
 
 def _scan_forward(h, a):
@@ -158,15 +135,15 @@ class _SelectiveScanTorch(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, nstate = B.shape[1], A.shape[1]
         per = dim // groups
-        u_t = _time_major(u).view(length, batch, groups, 1, per)
+        u_t = time_major(u).view(length, batch, groups, 1, per)
         # delta's time-major copy becomes softplus(delta + delta_bias) in place, chunk by chunk.
-        delta_t = _time_major(delta).view(length, batch, groups, 1, per)
+        delta_t = time_major(delta).view(length, batch, groups, 1, per)
         D_g, bias_g = (None if v is None else v.reshape(groups, 1, per) for v in (D, delta_bias))
-        B_t, C_t = _time_major(B), _time_major(C)  # (L, batch, G, N)
+        B_t, C_t = time_major(B), time_major(C)  # (L, batch, G, N)
         A_g = A.reshape(groups, per, nstate).transpose(1, 2).contiguous()  # (G, N, dim / G)
 
         y = u.new_empty(batch, dim, length)
-        y_t = _time_major_view(y)
+        y_t = time_major_view(y)
         chunk_len = min(CHUNK, length)
         checkpoints = u.new_empty(-(-length // CHUNK), batch, groups, nstate, per)  # state after each chunk
         states, decay = (u.new_empty(chunk_len, batch, groups, nstate, per) for _ in range(2))
@@ -199,9 +176,9 @@ class _SelectiveScanTorch(torch.autograd.Function):
         length, batch, groups, _, per = u_t.shape
         nstate = A_g.shape[1]
         dim = groups * per
-        dy_t = _time_major(grad_y).view(length, batch, groups, 1, per)
+        dy_t = time_major(grad_y).view(length, batch, groups, 1, per)
         grad_u, grad_delta = (grad_y.new_empty(batch, dim, length) for _ in range(2))
-        grad_u_t, grad_delta_t = _time_major_view(grad_u), _time_major_view(grad_delta)
+        grad_u_t, grad_delta_t = time_major_view(grad_u), time_major_view(grad_delta)
         grad_B, grad_C = torch.empty_like(B_t), torch.empty_like(C_t)
         grad_A = torch.zeros_like(A_g)
         grad_D = None if D_g is None else torch.zeros_like(D_g)  # (G, 1, dim / G), like the bias's
@@ -254,7 +231,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 grad_D += torch.mul(dy_c, u_c, out=du).sum((0, 1))
             grad_u_t[start:stop] = gdu.view(steps, -1)
 
-        grad_B, grad_C = (_length_last(grad, batch, groups, nstate, length) for grad in (grad_B, grad_C))
+        grad_B, grad_C = (length_last(grad, batch, groups, nstate, length) for grad in (grad_B, grad_C))
         vectors = (None if g is None else g.reshape(dim) for g in (grad_D, grad_bias))
         return (grad_u, grad_delta, grad_A.transpose(1, 2).reshape(dim, nstate), grad_B, grad_C, *vectors, None)
 
@@ -264,8 +241,6 @@ def scan_core_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=F
     (they are full passes over (batch, dim, L) otherwise); see ``_SelectiveScanTorch``. Returns
     (y, last_state). Inside ``scan_inference.fast_inference_scan()``, a call that needs no gradient
     runs the forward-only ``scan_core_inference`` instead."""
-    from rsfusion.kernels import scan_inference  # (it imports this module's transposes)
-
     if scan_inference.fast_inference_scan_enabled() and not (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (u, delta, A, B, C, D, delta_bias))):

@@ -43,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.feature_bank import (
+    FEATURE_KEY,
     array_digest,
     bank_patches,
     cache_key,
@@ -81,7 +82,6 @@ from rsfusion.lightning_modules.networks.bdgf_diffusion import MultimodalDenoise
 __all__ = ["BDGF", "BDGFPretrain", "BDGFDiffusion", "FEATURE_KEY", "pretrain_ddpm", "load_ddpm_payload",
            "payload_digest", "resolve_ddpm_config", "default_cache_dir"]
 
-FEATURE_KEY = "ddpm_features"  # the scene modality (and batch key) holding the diffusion feature patches
 
 
 def default_cache_dir() -> Path:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from rsfusion.lightning_modules.bdgf_pretrain import denoiser_from_payload
 from rsfusion.lightning_modules.networks.bdgf_diffusion import DiffusionSchedule, MultimodalDenoiserUNet, _check_choice
 
 __all__ = ["BLENDS", "TIMESTEP_REDUCTIONS", "build_feature_bank", "extract_feature_cube", "feature_cube_channels",
@@ -177,8 +178,6 @@ def build_feature_bank(payload: Mapping[str, Any], data: Mapping[str, np.ndarray
                        levels: Sequence[int], tile: int, overlap: int, batch_size: int, seed: int,
                        timestep_reduction: str, device: torch.device | str = "cpu") -> np.ndarray:
     """The fp16 (F, H, W) bank of a DDPM payload over the normalised, unpadded modalities ``data``."""
-    from rsfusion.lightning_modules.bdgf_pretrain import denoiser_from_payload
-
     denoiser, schedule = denoiser_from_payload(payload)
     denoiser, schedule = denoiser.to(device), schedule.to(device)
     rank_zero_info(f"BDGF: extracting diffusion features (levels {list(levels)}, timesteps {list(timesteps)}) over "
@@ -199,29 +198,7 @@ def build_feature_bank(payload: Mapping[str, Any], data: Mapping[str, np.ndarray
     return cube.numpy().astype(np.float16)
 
 
-def main(args: list[str] | None = None) -> None:
-    """``python -m rsfusion.lightning_modules.bdgf_features --config <bdgf config> [--model.init_args.ddpm_checkpoint
-    <ckpt>]``: stage 2 alone. Builds (or finds) the config's feature bank in the cache (pre-training the DDPM
-    first when neither a checkpoint nor a cached DDPM gives one) and prints the bank's path; its ``.json``
-    holds the provenance. A ``fit`` of the same config then reads it ("feature bank cache hit"), and
-    ``--model.init_args.feature_bank <path>`` gives it to any other run."""
-    import sys
+if __name__ == "__main__":  # the pre-``rsfusion bank`` spelling: python -m rsfusion.lightning_modules.bdgf_features
+    from rsfusion.lightning_modules.commands.bank import main
 
-    from rsfusion.datamodules.errors import InputError
-    from rsfusion.lightning_modules.bdgf import BDGF
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
-
-    try:
-        cli = RSFusionCLI(**{**cli_kwargs(), "save_config_callback": None}, run=False, args=args)
-        if not isinstance(cli.model, BDGF):
-            raise InputError(f"bdgf_features: the config's model is {type(cli.model).__name__}, not BDGF")
-        cli.datamodule.load()
-        cli.model.prepare_feature_bank(cli.datamodule.scene)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(cli.model.feature_bank_path)
-
-
-if __name__ == "__main__":
     main()

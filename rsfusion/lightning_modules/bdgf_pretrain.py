@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -517,7 +518,6 @@ def _same_processes(like: L.Trainer | None) -> dict[str, Any]:
     args = {"accelerator": like.accelerator, "devices": devices, "num_nodes": like.num_nodes}
     if like.world_size == 1:
         return args
-    from lightning.pytorch.strategies import DDPStrategy
 
     if not isinstance(like.strategy, DDPStrategy):
         raise InputError(f"BDGF's in-process pretraining runs under DDP or one process, not "

@@ -1,4 +1,6 @@
-"""rsfusion's task classes by name: the only classes a checkpoint may name.
+"""rsfusion's task classes by name: the only classes a checkpoint may name; and the short class names
+of configs (``class_path: M3amba``, ``class_path: SyntheticDataModule``), which jsonargparse resolves
+among the classes imported here.
 
 A checkpoint stores its model class as a dotted path (``hyper_parameters._class_path``). Importing
 that path would let a checkpoint run code: a ``.py`` file beside it is importable whenever the
@@ -9,8 +11,18 @@ from __future__ import annotations
 
 import inspect
 
+from rsfusion.datamodules.benchmarks import (
+    AugsburgDataModule,
+    BerlinDataModule,
+    Houston2013DataModule,
+    MSPanDataModule,
+    MUUFLDataModule,
+    TrentoDataModule,
+)
 from rsfusion.datamodules.checkpoint_inputs import read_checkpoint  # noqa: F401  (re-exported)
 from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.raster import RasterDataModule
+from rsfusion.datamodules.synthetic import SyntheticDataModule
 from rsfusion.lightning_modules.base import FusionClassifier
 from rsfusion.lightning_modules.baseline import TwoBranchCNN
 from rsfusion.lightning_modules.bdgf import BDGF
@@ -20,6 +32,8 @@ from rsfusion.lightning_modules.m3amba import M3amba
 
 TASKS: dict[str, type[FusionClassifier]] = {cls.__name__: cls for cls in (TwoBranchCNN, M3amba, DAS2F, BDGF,
                                                                           BDGFPretrain)}
+DATAMODULES = (RasterDataModule, SyntheticDataModule, Houston2013DataModule, TrentoDataModule, MUUFLDataModule,
+               AugsburgDataModule, BerlinDataModule, MSPanDataModule)
 # The paths checkpoints record: each class's own module, the package that re-exports it, and the module a
 # class lived in before it moved (so older checkpoints keep loading).
 ALIASES: dict[str, str] = {"rsfusion.lightning_modules.bdgf.BDGFPretrain": "BDGFPretrain"}

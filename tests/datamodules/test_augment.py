@@ -250,7 +250,7 @@ def test_a_resumed_run_draws_the_same_augmentations(coordinate_scene, tmp_path):
 
 
 def test_cli_trains_a_shipped_config_with_augmentation_and_balanced_sampling(tmp_path, monkeypatch):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     config = tiny_config(tmp_path, "baseline_ms_only_synthetic", dict(scene_height=24, scene_width=32,
                                                                       train_per_class=10, batch_size=16),

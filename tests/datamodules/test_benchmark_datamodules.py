@@ -123,7 +123,7 @@ def test_mat_v73_is_written_as_matlab_does_and_reads_like_v5(tmp_path):
 
 
 def test_muufl_gt_only_copy_trains_through_the_cli(copies, tmp_path):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
     from tests.conftest import E2E_TRAINER as TRAINER
     from tests.conftest import redirect_outputs
 

@@ -41,7 +41,7 @@ def test_construction_reads_headers_and_labels_only_and_setup_reads_the_scene(tm
 
 
 def test_print_config_builds_nothing(tmp_path, monkeypatch, capsys):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("rsfusion.datamodules.raster.read_header", _refuse)

@@ -314,7 +314,7 @@ def test_the_cli_run_orders_and_augments_training_batches_by_the_data_seed(tmp_p
     initial seed), so default runs keep their batches; an explicit data seed drives order and augmentation."""
     from types import SimpleNamespace
 
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs
     from tests.conftest import tiny_config
 
     config = tiny_config(tmp_path, "demo", dict(scene_height=24, scene_width=32, train_per_class=8, patch_size=5,

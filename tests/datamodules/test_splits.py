@@ -246,7 +246,7 @@ def _printed_test_metrics(text: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epoch(tmp_path, monkeypatch, capsys,
                                                                                      caplog):
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs, main
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs, main
 
     monkeypatch.chdir(tmp_path)  # the shipped config writes under runs/baseline_augsburg
     train = _augsburg_copy(tmp_path / "augsburg")
@@ -280,8 +280,8 @@ def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epo
 
 @pytest.mark.slow
 def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(scene, tmp_path, capsys):
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs, main
-    from rsfusion.lightning_modules.compare import run_args
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs, main
+    from rsfusion.lightning_modules.commands.compare import run_args
 
     paths, labels = scene
     config = yaml.safe_load((CONFIGS / "demo.yaml").read_text())

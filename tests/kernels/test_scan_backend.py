@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.commands.cli import main
 from tests.conftest import tiny_config
 
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,

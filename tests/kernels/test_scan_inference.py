@@ -16,8 +16,8 @@ from rsfusion.kernels import scan_inference, selective_scan, selective_scan_ref
 from rsfusion.kernels.scan_inference import fast_inference_scan, scan_core_inference
 from rsfusion.kernels.scan_torch import scan_core_torch
 from rsfusion.lightning_modules import DAS2F
-from rsfusion.lightning_modules.cli import main
-from rsfusion.lightning_modules.inference import InferencePrecision
+from rsfusion.lightning_modules.commands.cli import main
+from rsfusion.lightning_modules.outputs.inference import InferencePrecision
 from tests.conftest import TINY_DAS2F as DAS2F_TINY
 from tests.conftest import tiny_config
 

@@ -290,7 +290,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
     from rsfusion.lightning_modules.base import FusionClassifier
-    from rsfusion.lightning_modules.cli import RSFusionCLI
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
     config["model"]["init_args"].update(ddpm=TINY_DDPM)
@@ -368,7 +368,7 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     assert val_rows and all(0 <= float(val_rows[0][f"val/OA_{b}"]) <= 1 for b in ("cnn", "mamba", "transformer"))
 
     # stage 2 as a command: for the same config it finds the bank the fit cached (same key), and prints it
-    stage2 = _run([sys.executable, "-m", "rsfusion.lightning_modules.bdgf_features", "--config", str(config)], tmp_path)
+    stage2 = _run([sys.executable, "-m", "rsfusion.lightning_modules", "bank", "--config", str(config)], tmp_path)
     assert stage2.returncode == 0, stage2.stderr[-3000:]
     assert "DDPM cache hit" in stage2.stderr and "feature bank cache hit" in stage2.stderr
     assert stage2.stdout.strip() == str(next((cache / "banks").glob("*.npy")))
@@ -423,7 +423,7 @@ def test_spec_default_sizes():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_parse_without_their_data(name, capsys):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.commands.cli import main
 from tests.conftest import CONFIGS as CONFIG_DIR
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -31,7 +31,7 @@ def test_configs_take_the_run_folder_defaults_of_the_cli(config, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
-    assert trainer["logger"]["class_path"] == "rsfusion.lightning_modules.runs.RunLogger"
+    assert trainer["logger"]["class_path"] == "rsfusion.lightning_modules.outputs.runs.RunLogger"
     assert trainer["logger"]["init_args"]["save_dir"] is None  # = default_root_dir
     checkpoints = [(cb["init_args"]["filename"], cb["init_args"]["monitor"]) for cb in trainer["callbacks"]]
     stage_1 = source.get("callbacks") is not None

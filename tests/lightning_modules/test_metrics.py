@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
 
 from rsfusion.lightning_modules.base import FusionClassifier
 from rsfusion.lightning_modules.metrics import classification_metrics, per_class_accuracy
-from rsfusion.lightning_modules.reporting import TestReport
+from rsfusion.lightning_modules.outputs.reporting import TestReport
 
 
 def test_oa_aa_kappa_match_scikit_learn():

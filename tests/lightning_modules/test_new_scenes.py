@@ -15,7 +15,7 @@ import pytest
 import rasterio
 
 from rsfusion.datamodules.synthetic import HSI_CLASSES, ensure_scene
-from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.commands.cli import main
 from tests.conftest import CONFIGS, tiny_config
 
 DATA = dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5, batch_size=32)
@@ -76,7 +76,7 @@ def test_an_unlabelled_scene_is_mapped_with_everything_else_from_the_checkpoint(
 
 def test_the_data_options_come_from_the_checkpoint_and_the_user_wins(trained, capsys):
     tmp, _, ckpt, b = trained
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs
 
     class Parsed(Exception):
         """Stops the CLI once the arguments are parsed."""

@@ -17,38 +17,34 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from rsfusion import (
-    datamodules,  # noqa: F401  (registers the DataModules for short class names)
-    lightning_modules,  # noqa: F401  (registers the models)
-)
-from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, read_checkpoint_inputs
+from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, init_options, read_checkpoint_inputs
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.io import read_header
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.lightning_modules.base import FusionClassifier
-from rsfusion.lightning_modules.callbacks import default_callbacks
-from rsfusion.lightning_modules.inference import ensure_inference_precision
-from rsfusion.lightning_modules.maps import ClassificationMapWriter, ensure_map_writer
-from rsfusion.lightning_modules.registry import (
-    check_known_arguments,
-    checked_hyper_parameters,
-    class_path_of,
-    read_checkpoint,
-    task_class,
-)
-from rsfusion.lightning_modules.reporting import (
+from rsfusion.lightning_modules.outputs.callbacks import default_callbacks
+from rsfusion.lightning_modules.outputs.inference import ensure_inference_precision
+from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter, ensure_map_writer
+from rsfusion.lightning_modules.outputs.reporting import (
     LoggedSaveConfigCallback,
     WandbOptions,
     has_wandb_credentials,
     make_wandb_logger,
 )
-from rsfusion.lightning_modules.runs import (
+from rsfusion.lightning_modules.outputs.runs import (
     RUN_CHECKPOINTS,
     RUN_LOGGER,
     RunLogger,
     discard_unused_runs,
     newest_checkpoint,
     resolve_run,
+)
+from rsfusion.lightning_modules.registry import (
+    check_known_arguments,
+    checked_hyper_parameters,
+    class_path_of,
+    read_checkpoint,
+    task_class,
 )
 
 
@@ -129,7 +125,7 @@ class RSFusionCLI(LightningCLI):
         if not ckpt:
             return None
         check_checkpoint_file(ckpt)
-        inputs = read_checkpoint_inputs(ckpt)
+        inputs = read_checkpoint_inputs(ckpt, init_options(RasterDataModule))
         model = peek["predict"].get("model") or {}
         given = model.get("class_path") if hasattr(model, "get") else None
         if inputs.model_class is not None and given != inputs.model_class:  # a class the user typed is trusted
@@ -351,20 +347,33 @@ def cli_kwargs() -> dict:
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "yaml"})
 
 
-# ``rsfusion <command>`` with their own argparse entry points, dispatched before LightningCLI parses
-EXTRA_COMMANDS = {"export": "rsfusion.lightning_modules.export", "evaluate": "rsfusion.lightning_modules.evaluate"}
-EXTRA_HELP = ("more commands: 'rsfusion export --help' (a checkpoint as a torch.export/ONNX program that runs "
-              "without rsfusion), 'rsfusion evaluate --help' (score any classification map against a label raster)")
+# ``rsfusion <command>`` besides LightningCLI's fit/validate/test/predict: their own entry points,
+# dispatched before LightningCLI parses: (module with a main(argv), what it does)
+_COMMANDS = "rsfusion.lightning_modules.commands"
+COMMANDS = {
+    "export": (f"{_COMMANDS}.export", "a checkpoint as a torch.export/ONNX program that runs without rsfusion"),
+    "evaluate": (f"{_COMMANDS}.evaluate", "score any classification map against a label raster (OA, AA, kappa, "
+                                          "per class)"),
+    "compare": (f"{_COMMANDS}.compare", "train configs over seeds and tabulate OA/AA/kappa, parameters and times"),
+    "sweep": (f"{_COMMANDS}.sweeps", "print the command one W&B sweep trial runs (check a sweep file offline)"),
+    "bank": (f"{_COMMANDS}.bank", "BDGF stage 2 alone: build or find a config's diffusion feature bank"),
+    "make-scene": ("rsfusion.datamodules.make_scene", "write a built-in synthetic scene's GeoTIFFs (another seed "
+                                                      "or size)"),
+}
+EXTRA_HELP = "more commands (each with --help): " + "; ".join(
+    f"'rsfusion {name}' {what}" for name, (_, what) in COMMANDS.items())
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m rsfusion.lightning_modules``)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        module.main(argv[1:])
         return
     kwargs = cli_kwargs()
-    kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "epilog": EXTRA_HELP}
+    kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "epilog": EXTRA_HELP,
+                               "description": "rsfusion: train, test and map multimodal remote-sensing classifiers"}
     RunLogger.claimed.clear()
     InputError.latest = None
     try:
@@ -373,8 +382,8 @@ def main(args: list[str] | None = None) -> None:
         discard_unused_runs()  # a run that failed before training leaves no empty version_N
         # Bad input: one line naming the file and the problem, not a traceback. jsonargparse re-wraps
         # errors raised while it instantiates the DataModule, so look for ours inside its message.
-        bad_input = err if isinstance(err, InputError) else InputError.latest
-        if bad_input is None or str(bad_input) not in str(err):
+        bad_input = InputError.within(err)
+        if bad_input is None:
             raise
         print(f"error: {bad_input}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -26,9 +26,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from rsfusion.datamodules.errors import InputError
 
-RUN_LOGGER = {"class_path": "rsfusion.lightning_modules.runs.RunLogger"}
+RUN_LOGGER = {"class_path": "rsfusion.lightning_modules.outputs.runs.RunLogger"}
 RUN_CHECKPOINTS = [
-    {"class_path": "rsfusion.lightning_modules.runs.RunCheckpoint",
+    {"class_path": "rsfusion.lightning_modules.outputs.runs.RunCheckpoint",
      "init_args": {"monitor": "val/OA", "mode": "max", "filename": "best-{epoch:02d}"}},
     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",  # last.ckpt every epoch, for resuming
      "init_args": {"filename": "last", "enable_version_counter": False}},

@@ -36,6 +36,26 @@ def test_console_scripts_reach_the_cli(name):
     assert "--test_after_fit" in out.stdout and "--data" in out.stdout
 
 
+SUBCOMMANDS = {"fit": "--test_after_fit", "validate": "--ckpt_path", "test": "--ckpt_path", "predict": "--map.",
+               "export": "--format", "evaluate": "--labels", "compare": "--seeds", "sweep": "sweep",
+               "bank": "rsfusion bank --config", "make-scene": "--seed"}
+
+
+@pytest.mark.parametrize("command, option", SUBCOMMANDS.items())
+def test_every_rsfusion_command_has_its_help(command, option):
+    out = _run([_script("rsfusion"), command, "--help"], ROOT)
+    assert out.returncode == 0, out.stderr
+    assert option in out.stdout
+
+
+def test_the_top_level_help_lists_every_command():
+    out = _run([_script("rsfusion"), "--help"], ROOT)
+    assert out.returncode == 0, out.stderr
+    listed = " ".join(out.stdout.split())  # argparse wraps the epilog
+    assert all(f"'rsfusion {name}'" in listed for name in SUBCOMMANDS if name not in ("fit", "validate", "test",
+                                                                                       "predict"))
+
+
 def _tiny_config(tmp_path: Path) -> Path:
     return tiny_config(tmp_path, "demo", dict(scene_height=32, scene_width=40, train_per_class=12, patch_size=5,
                                               batch_size=32), dict(width=8), max_epochs=2)

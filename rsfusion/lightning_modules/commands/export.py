@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,14 @@ import torch
 from torch import nn
 
 from rsfusion.datamodules.errors import InputError
-from rsfusion.datamodules.scene import Normalizer
+from rsfusion.datamodules.feature_bank import FEATURE_KEY
+from rsfusion.datamodules.io import read_header
+from rsfusion.datamodules.scene import Normalizer, grid_ratios
+from rsfusion.kernels import ENV_VAR, scan_torch
+from rsfusion.lightning_modules.networks.das2f import PAN_TO_MS
+from rsfusion.lightning_modules.registry import check_known_arguments, checked_hyper_parameters, read_checkpoint
 
 ONNX_HINT = 'pip install "rsfusion[export]"'
-FEATURE_KEY = "ddpm_features"  # rsfusion.lightning_modules.bdgf.FEATURE_KEY (not imported: keeps this module light)
 
 
 class RawNormalization(nn.Module):
@@ -93,24 +99,26 @@ def _datamodule_state(checkpoint: dict) -> dict:
 
 def load_checkpoint(path: str | Path):
     """(classifier in eval mode, checkpoint dict) of a ``lightning fit`` checkpoint, or a one-line error."""
-    from rsfusion.lightning_modules.registry import check_known_arguments, checked_hyper_parameters, read_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     checkpoint = read_checkpoint(path)
     model_class, hparams = checked_hyper_parameters(checkpoint, str(path))  # a name lookup: nothing imported
     check_known_arguments(model_class, hparams, str(path))
-    model = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    InputError.latest = None
+    try:
+        model = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        bad_input = InputError.within(err)  # e.g. a missing CLIP source, re-wrapped by jsonargparse
+        if bad_input is None:
+            raise
+        raise bad_input from None
     return model.eval(), checkpoint
 
 
 def input_ratios(model, checkpoint: dict, given: dict[str, int] | None = None) -> dict[str, int]:
     """Each modality's resolution ratio to the reference grid: ``given``, else the checkpoint's
     DataModule rasters (when they are still on disk), else DAS2F's PAN at 4x, else 1."""
-    from rsfusion.datamodules.io import read_header
-    from rsfusion.datamodules.scene import grid_ratios
-
     ratios = {name: 1 for name in model.in_channels}
     state = _datamodule_state(checkpoint)
     paths = (checkpoint.get("datamodule_hyper_parameters") or {}).get("modalities") or {}
@@ -125,8 +133,6 @@ def input_ratios(model, checkpoint: dict, given: dict[str, int] | None = None) -
     if found is not None:
         ratios.update({k: v for k, v in found.items() if k in ratios})
     elif type(model).__name__ == "DAS2F":
-        from rsfusion.lightning_modules.networks.das2f import PAN_TO_MS
-
         ratios[model.pan_key] = PAN_TO_MS
     for name, ratio in (given or {}).items():
         if name not in ratios:
@@ -169,7 +175,7 @@ MAX_BATCH = 1 << 16  # the exported programs' batch dimension is dynamic up to t
 
 
 def _time_major_one_copy(x: torch.Tensor) -> torch.Tensor:
-    """``rsfusion.kernels.scan_torch._time_major`` (batch, ..., L) -> contiguous (L, batch, ...), as one copy."""
+    """``rsfusion.kernels.layout.time_major`` (batch, ..., L) -> contiguous (L, batch, ...), as one copy."""
     return x.reshape(-1, x.shape[-1]).t().contiguous().view(x.shape[-1], *x.shape[:-1])
 
 
@@ -178,15 +184,13 @@ def traceable_scan():
     """Trace the selective scan's pure-torch path (never Triton / mamba-ssm), with its time-major
     transposes as one copy: their cache blocking is a Python loop over batch x channel rows, which
     would fix the batch size in the graph."""
-    from rsfusion.kernels import ENV_VAR, scan_torch
-
-    before = os.environ.get(ENV_VAR), scan_torch._time_major
+    before = os.environ.get(ENV_VAR), scan_torch.time_major
     os.environ[ENV_VAR] = "torch"
-    scan_torch._time_major = _time_major_one_copy
+    scan_torch.time_major = _time_major_one_copy
     try:
         yield
     finally:
-        scan_torch._time_major = before[1]
+        scan_torch.time_major = before[1]
         if before[0] is None:
             os.environ.pop(ENV_VAR, None)
         else:
@@ -211,7 +215,6 @@ def to_onnx(program: ProbabilityModel, inputs: tuple[torch.Tensor, ...], output:
     missing = [m for m in ("onnx", "onnxscript") if not _importable(m)]
     if missing:
         raise InputError(f"ONNX export needs {' and '.join(missing)}: {ONNX_HINT}")
-    import warnings
 
     names = program.inputs
     try:
@@ -229,8 +232,6 @@ def to_onnx(program: ProbabilityModel, inputs: tuple[torch.Tensor, ...], output:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 

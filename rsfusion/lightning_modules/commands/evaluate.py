@@ -25,8 +25,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from rsfusion.datamodules.errors import InputError, RasterError
 from rsfusion.datamodules.io import is_gdal_raster, read_header, read_raster
 from rsfusion.datamodules.scene import _grid_ratio
-from rsfusion.lightning_modules.map_set import SET_TAG, check_member
 from rsfusion.lightning_modules.metrics import ClassAccuracy, classification_metrics
+from rsfusion.lightning_modules.outputs.map_set import SET_TAG, check_member
 
 STRIP_ROWS = 256
 

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import cuda
 
-from rsfusion.lightning_modules.maps import ClassificationMapWriter
-from rsfusion.lightning_modules.reporting import TestReport
+from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter
+from rsfusion.lightning_modules.outputs.reporting import TestReport
 
 _warned: set[str] = set()
 

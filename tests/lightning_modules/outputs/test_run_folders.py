@@ -88,7 +88,7 @@ def test_test_ckpt_path_best_in_a_fresh_process_finds_the_runs_best_checkpoint(f
 
 
 def test_a_run_with_another_root_leaves_the_first_runs_files_alone(tmp_path):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     main(["fit", *_tiny(tmp_path / "scene", tmp_path / "a"), "--map_after_fit", "false"])
     first = _files(tmp_path / "a")
@@ -98,7 +98,7 @@ def test_a_run_with_another_root_leaves_the_first_runs_files_alone(tmp_path):
 
 
 def test_runs_in_one_root_get_their_own_folders_and_last_resumes_the_newest(tmp_path):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     root = tmp_path / "runs"
     args = [*_tiny(tmp_path / "scene", root), "--test_after_fit", "false", "--map_after_fit", "false"]
@@ -119,7 +119,7 @@ def test_runs_in_one_root_get_their_own_folders_and_last_resumes_the_newest(tmp_
 
 
 def test_ckpt_path_last_without_a_run_is_a_one_line_error_for_test(tmp_path, capsys):
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["test", *_tiny(tmp_path / "scene", tmp_path / "empty"), "--ckpt_path", "last"])
@@ -130,7 +130,7 @@ def test_ckpt_path_last_without_a_run_is_a_one_line_error_for_test(tmp_path, cap
 
 
 def test_sweep_trials_get_their_own_folders(tmp_path, monkeypatch):
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")  # what `wandb agent` sets for each trial it starts
     folders = []
@@ -142,7 +142,7 @@ def test_sweep_trials_get_their_own_folders(tmp_path, monkeypatch):
 
 
 def test_runs_started_at_once_claim_distinct_versions(tmp_path):
-    from rsfusion.lightning_modules.runs import RunLogger
+    from rsfusion.lightning_modules.outputs.runs import RunLogger
 
     barrier, versions = threading.Barrier(8), []
 
@@ -162,7 +162,7 @@ def test_runs_started_at_once_claim_distinct_versions(tmp_path):
 
 def test_predict_ckpt_path_last_takes_the_model_of_the_newest_run(first_run):
     """Without a config: model class, width and data options all come from the resolved ``last.ckpt``."""
-    from rsfusion.lightning_modules.cli import main
+    from rsfusion.lightning_modules.commands.cli import main
 
     tmp, _ = first_run
     scene = tmp / "scene" / "hsi_dsm-seed0"

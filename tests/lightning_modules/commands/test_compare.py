@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rsfusion.lightning_modules.compare import mean_std, parse_config_spec
+from rsfusion.lightning_modules.commands.compare import mean_std, parse_config_spec
 from tests.conftest import ROOT
 
 CLASSES = ["Trees", "Grass", "Roofs", "Roads", "Water", "Bare soil"]
@@ -93,8 +93,8 @@ def test_compare_two_configs_over_two_seeds(tmp_path):
 
 
 def test_each_seed_runs_in_its_own_folder_under_the_output(tmp_path):
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
-    from rsfusion.lightning_modules.compare import run_args
+    from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs
+    from rsfusion.lightning_modules.commands.compare import run_args
 
     config = _tiny(tmp_path, "fusion")
     folders = set()

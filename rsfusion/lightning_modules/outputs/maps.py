@@ -15,12 +15,15 @@ from typing import Literal, Sequence
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from rasterio.errors import RasterioError
 
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.io import read_preview
 from rsfusion.datamodules.writing import GeoTiffWriter, atomic_path
-from rsfusion.lightning_modules.map_set import SET_TAG, SetLock, commit, manifest_path, write_failure
+from rsfusion.lightning_modules.outputs.map_set import SET_TAG, SetLock, commit, manifest_path, write_failure
+from rsfusion.lightning_modules.outputs.reporting import Progress, log_picture
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,12 @@ log = logging.getLogger(__name__)
 def render_png(path: str | Path, class_map: np.ndarray, class_names: list[str], palette: list[tuple[int, int, int]],
                title: str | None = None) -> None:
     """A colour map with a legend (0 = no data, black), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     colours = np.array([(0, 0, 0)] + [tuple(c) for c in palette], dtype=np.uint8)
     rgb = colours[np.clip(class_map, 0, len(palette))]
     h, w = class_map.shape
     fig_w = 6 + 2.5
-    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, 6 * h / max(w, 1))), dpi=150)
+    fig = Figure(figsize=(fig_w, max(3.0, 6 * h / max(w, 1))), dpi=150)
+    ax = fig.subplots()
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
     if title:
@@ -48,7 +46,6 @@ def render_png(path: str | Path, class_map: np.ndarray, class_names: list[str], 
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
 
 
 ProbabilityFormat = Literal["none", "float16", "uint8"]
@@ -113,7 +110,7 @@ class ClassificationMapWriter(BasePredictionWriter):
     so no process holds the map in memory; when all are done, the first process merges the parts in
     row strips, checking that every sample was predicted once and no pixel twice, writes the GeoTIFFs
     and the PNG (downsampled for large scenes) into a staging folder and commits them as one set
-    with ``<name>.manifest.json`` written last (:mod:`rsfusion.lightning_modules.map_set`). A second
+    with ``<name>.manifest.json`` written last (:mod:`rsfusion.lightning_modules.outputs.map_set`). A second
     prediction into the same folder is refused while one runs.
     """
 
@@ -187,8 +184,6 @@ class ClassificationMapWriter(BasePredictionWriter):
         self._release()
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        from rsfusion.lightning_modules.reporting import Progress
-
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         self._out = Path(self.output_dir or Path(log_dir or trainer.default_root_dir) / "predictions")
         self._claim(trainer)
@@ -274,7 +269,6 @@ class ClassificationMapWriter(BasePredictionWriter):
         written = ", ".join(str(path) for key, path in self.paths.items())
         rank_zero_info(f"Classification map written to {written} ({predicted:,} pixels "
                        f"predicted in {seconds:.1f} s)")
-        from rsfusion.lightning_modules.reporting import log_picture
 
         log_picture(trainer, "predict/classification_map", self.paths["png"],
                     f"{type(pl_module).__name__} classification map")

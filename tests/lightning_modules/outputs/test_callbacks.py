@@ -18,7 +18,7 @@ from rsfusion.lightning_modules import (
     TwoBranchCNN,
     default_callbacks,
 )
-from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs
+from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs
 from tests.conftest import CONFIGS
 
 SCENE = dict(scene_height=24, scene_width=24, train_per_class=4, patch_size=5, batch_size=16)

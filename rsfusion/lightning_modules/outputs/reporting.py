@@ -10,16 +10,22 @@ import csv
 import logging
 import netrc
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import matplotlib.image
 import numpy as np
+import wandb
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from rsfusion.datamodules.writing import atomic_path
 
@@ -71,8 +77,6 @@ def default_wandb_mode() -> str:
 
 def start_wandb_run(options: WandbOptions, save_dir: str | Path) -> Any:
     """Create the W&B run eagerly; if the server cannot be reached, continue offline instead of failing."""
-    import wandb
-
     mode = default_wandb_mode() if options.mode == "auto" else options.mode
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     project = options.project or os.environ.get("WANDB_PROJECT") or "rsfusion"
@@ -119,16 +123,12 @@ def log_picture(trainer, key: str, path: str | Path, caption: str | None = None)
     for logger in trainer.loggers:
         add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
         if callable(add_image) and not isinstance(logger, WandbLogger):
-            import matplotlib.image
-
             image = matplotlib.image.imread(str(path))[..., :3]
             add_image(key, image, global_step=trainer.global_step, dataformats="HWC")
 
 
 def log_artifact_files(trainer, name: str, kind: str, paths: list[Path]) -> None:
     """Attach files to the W&B run as one artefact (offline runs keep it for ``wandb sync``)."""
-    import wandb
-
     for logger in wandb_loggers(trainer):
         run = logger.experiment
         if getattr(run, "disabled", False) or run.settings.mode == "disabled":
@@ -150,16 +150,12 @@ def write_confusion_csv(path: str | Path, matrix: np.ndarray, class_names: list[
 
 def render_confusion_png(path: str | Path, matrix: np.ndarray, class_names: list[str], title: str = "") -> None:
     """Colours = row-normalised (per true class recall), numbers = pixel counts."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     k = len(class_names)
     rows = matrix.sum(1, keepdims=True)
     recall = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
     size = 2.5 + 0.55 * k
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=120)
+    fig = Figure(figsize=(size + 1, size), dpi=120)
+    ax = fig.subplots()
     image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), class_names, fontsize=8)
@@ -175,13 +171,10 @@ def render_confusion_png(path: str | Path, matrix: np.ndarray, class_names: list
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def wandb_confusion_chart(matrix: np.ndarray, class_names: list[str], title: str):
     """W&B's interactive confusion-matrix plot from a (K, K) count matrix."""
-    import wandb
-
     true = np.repeat(np.arange(len(class_names)), matrix.sum(1))
     pred = np.concatenate([np.repeat(np.arange(len(class_names)), row) for row in matrix]) if matrix.sum() else true
     return wandb.plot.confusion_matrix(y_true=true.tolist(), preds=pred.tolist(), class_names=list(class_names),
@@ -247,8 +240,6 @@ class Progress:
     """
 
     def __init__(self, description: str, bar: bool | None = None, every: float = 0.1):
-        import sys
-
         self.description, self.every = description, every
         self.bar = sys.stderr.isatty() if bar is None else bar
         self._tqdm = None
@@ -257,14 +248,10 @@ class Progress:
         self.lines: list[str] = []
 
     def __call__(self, done: int, total: int) -> None:
-        import time
-
         if self._start is None:
             self._start = time.perf_counter()
         if self.bar:
             if self._tqdm is None:
-                from tqdm.auto import tqdm
-
                 self._tqdm = tqdm(total=total, desc=self.description, dynamic_ncols=True)
             self._tqdm.update(done - self._tqdm.n)
             if done >= total:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rsfusion.lightning_modules import evaluate
-from rsfusion.lightning_modules.cli import main
+from rsfusion.lightning_modules.commands.cli import main
 from tests.conftest import tiny_config, write_tif
 
 

@@ -6,10 +6,10 @@ with ``program: rsfusion``. The agent expands ``${args}`` to ``--key=value`` per
 does the same expansion with wandb's own helpers, so a sweep can be checked (and a trial reproduced)
 without a W&B server::
 
-    python -m rsfusion.lightning_modules.sweeps configs/sweeps/das2f_synthetic.yaml --seed 3
+    rsfusion sweep configs/sweeps/das2f_synthetic.yaml --seed 3
 
 Each trial is an ordinary run of the base config: its outputs go to ``<default_root_dir>/trial_<W&B run
-id>`` (the agent sets ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``; see :mod:`rsfusion.lightning_modules.runs`),
+id>`` (the agent sets ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``; see :mod:`rsfusion.lightning_modules.outputs.runs`),
 so trials and parallel agents never share a checkpoint folder and no config is rewritten.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
 METHODS = ("grid", "random", "bayes")
 GOALS = ("maximize", "minimize")
@@ -77,8 +78,6 @@ def sample_parameters(sweep: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 def agent_command(sweep: dict[str, Any], params: dict[str, Any]) -> list[str]:
     """The argv ``wandb agent`` runs for these parameter values (same macro expansion as the agent)."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
-
     template = create_sweep_command(list(sweep["command"]))
     macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
     macros.update(env=["/usr/bin/env"], interpreter=["python"], program=[sweep.get("program", "rsfusion")])
@@ -92,7 +91,7 @@ def agent_command(sweep: dict[str, Any], params: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="rsfusion sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="a configs/sweeps/*.yaml file")
     parser.add_argument("--seed", type=int, default=0, help="which random draw of the parameters")
     args = parser.parse_args(argv)

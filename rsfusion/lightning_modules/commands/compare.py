@@ -28,6 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from rsfusion.datamodules.writing import atomic_path
+from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs, evaluation_checkpoint
+from rsfusion.lightning_modules.outputs.maps import ensure_map_writer
 
 METRICS = ("OA", "AA", "kappa")
 
@@ -70,9 +77,6 @@ def run_args(config_path: Path, output: Path, label: str, seed: int, overrides: 
 
 def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, overrides: list[str]) -> RunResult:
     """One ``fit`` + test of the best checkpoint + timed full-scene prediction, in this process."""
-    from rsfusion.lightning_modules.cli import RSFusionCLI, cli_kwargs, evaluation_checkpoint
-    from rsfusion.lightning_modules.maps import ensure_map_writer
-
     run_dir = output / label / f"seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a new comparison replaces the old run of this config and seed
@@ -153,22 +157,14 @@ def markdown_table(rows: list[dict], class_names: list[str]) -> str:
 
 def maps_figure(path: Path, results: list[RunResult]) -> None:
     """The first seed's classification map of each config, side by side, one legend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import rasterio
-    from matplotlib.patches import Patch
-
-    from rsfusion.datamodules.writing import atomic_path
-
     firsts = [next(r for r in results if r.label == label) for label in dict.fromkeys(r.label for r in results)]
     firsts = [r for r in firsts if r.map_path is not None]
     if not firsts:
         return
     palette = firsts[0].palette
     colours = np.array([(0, 0, 0), *palette], dtype=np.uint8)
-    fig, axes = plt.subplots(1, len(firsts), figsize=(4 * len(firsts) + 2, 4.5), dpi=120, squeeze=False)
+    fig = Figure(figsize=(4 * len(firsts) + 2, 4.5), dpi=120)
+    axes = fig.subplots(1, len(firsts), squeeze=False)
     for ax, result in zip(axes[0], firsts):
         with rasterio.open(result.map_path) as src:
             classes = src.read(1)
@@ -181,7 +177,6 @@ def maps_figure(path: Path, results: list[RunResult]) -> None:
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (4 * len(firsts) + 2), 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def write_outputs(output: Path, results: list[RunResult]) -> dict[str, Path]:
@@ -215,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="rsfusion-compare", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="rsfusion compare", description=__doc__.split("\n")[0],
                                      epilog="Arguments after -- are passed to every run's CLI, e.g. "
                                             "-- --trainer.max_epochs=5")
     parser.add_argument("configs", nargs="+", help="config files, optionally as label=path")

@@ -7,8 +7,8 @@ import io
 import pytest
 import yaml
 
-from rsfusion.lightning_modules.cli import main
-from rsfusion.lightning_modules.sweeps import agent_command, load_sweep, sample_parameters
+from rsfusion.lightning_modules.commands.cli import main
+from rsfusion.lightning_modules.commands.sweeps import agent_command, load_sweep, sample_parameters
 from tests.conftest import ROOT
 
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from rsfusion.datamodules.scene import Normalizer
-from rsfusion.lightning_modules.cli import main
-from rsfusion.lightning_modules.export import FEATURE_KEY, load_checkpoint
+from rsfusion.lightning_modules.commands.cli import main
+from rsfusion.lightning_modules.commands.export import FEATURE_KEY, load_checkpoint
+from tests.conftest import ROOT, TINY_DDPM, tiny_config
 from tests.conftest import TINY_BDGF_NET as TINY_NET
 from tests.conftest import TINY_DAS2F as DAS2F_TINY
-from tests.conftest import TINY_DDPM, tiny_config
 from tests.conftest import TINY_M3AMBA as M3AMBA_TINY
 
 # float32 end to end, same ops; the scan and ONNX Runtime's kernels sum in other orders
@@ -160,8 +160,7 @@ def test_the_clean_process_refuses_every_rsfusion_import(tmp_path):
     script = CLEAN_PRELUDE + "\nimport rsfusion.kernels\n"
     (tmp_path / "run.py").write_text(textwrap.dedent(script))
     np.savez(tmp_path / "inputs.npz", x=np.zeros(1))
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), "-", str(tmp_path / "inputs.npz")], cwd=root,
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), "-", str(tmp_path / "inputs.npz")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "ModuleNotFoundError: rsfusion is blocked in this process (rsfusion)" in out.stderr

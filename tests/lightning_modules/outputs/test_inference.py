@@ -8,8 +8,8 @@ import rasterio
 import torch
 
 from rsfusion.lightning_modules import DAS2F, TwoBranchCNN
-from rsfusion.lightning_modules.cli import main
-from rsfusion.lightning_modules.inference import InferencePrecision
+from rsfusion.lightning_modules.commands.cli import main
+from rsfusion.lightning_modules.outputs.inference import InferencePrecision
 from tests.conftest import TINY_DAS2F as DAS2F_TINY
 from tests.conftest import tiny_config
 

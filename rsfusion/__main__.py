@@ -1,0 +1,3 @@
+from rsfusion.lightning_modules.commands.cli import main
+
+main()

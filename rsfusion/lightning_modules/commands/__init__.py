@@ -1,0 +1,1 @@
+"""The ``rsfusion`` command and its subcommands (``rsfusion --help`` lists them)."""
