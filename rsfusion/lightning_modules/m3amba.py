@@ -4,15 +4,17 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from transformers import CLIPVisionConfig
 
 from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules.base import Batch, FusionClassifier
 from rsfusion.lightning_modules.losses import m3amba_loss
 from rsfusion.lightning_modules.networks.layers import check_scan_backend
-from rsfusion.lightning_modules.networks.m3amba import M3ambaNet
+from rsfusion.lightning_modules.networks.m3amba import M3ambaNet, clip_weights_source
 from rsfusion.lightning_modules.optim import no_weight_decay_groups
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+CLIP_PREFIX = "net.clip."  # the frozen tower's state_dict keys
 
 
 class M3amba(FusionClassifier):
@@ -42,6 +44,12 @@ class M3amba(FusionClassifier):
         ce_weights, supervised_weight, consistency_weight: the loss weights [ours].
         scan_backend: selective-scan kernel: "auto" (RSFUSION_SCAN_BACKEND if set, else the fastest
             that runs), "torch", "triton" or "cuda"; one that cannot run here is refused.
+
+    Checkpoints do not store a pretrained tower (``clip_model``; about 88 M frozen parameters): they
+    record its source, hub revision and the SHA-256 of its weights file (``checkpoint["frozen_weights"]``),
+    and loading reads the tower from that source again and refuses, in one line, a source that is
+    missing or whose weights changed. A random ``clip_config`` tower is stored, as are all trainable
+    parameters (the linear embeddings included).
     """
 
     samplings = frozenset({"tile"})
@@ -76,8 +84,6 @@ class M3amba(FusionClassifier):
             raise InputError(f"M3amba: give model.init_args.clip_model ({clip_model!r}) or clip_config, not both "
                              "(clip_config builds a random tower and would ignore clip_model)")
         if clip_config is not None:
-            from transformers import CLIPVisionConfig
-
             config = CLIPVisionConfig(**clip_config)
         try:
             self.net = M3ambaNet(self.in_channels[self.hsi_key], self.in_channels[self.aux_key], self.num_classes,
@@ -89,6 +95,39 @@ class M3amba(FusionClassifier):
                                  linear_embed_trainable=linear_embed_trainable, scan_backend=scan_backend)
         except FileNotFoundError as err:
             raise InputError(f"model.init_args.clip_model: {err}") from None
+
+    @property
+    def clip_source(self) -> dict | None:
+        """:func:`~rsfusion.lightning_modules.networks.m3amba.clip_weights_source` of a pretrained tower
+        (hashed once), None for a random ``clip_config`` tower or weights that are not one file."""
+        if self.hparams.clip_config is not None:
+            return None
+        if not hasattr(self, "_clip_source"):
+            self._clip_source = clip_weights_source(self.hparams.clip_model)
+        return self._clip_source
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        source = self.clip_source
+        if source is not None:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(CLIP_PREFIX)]:
+                del state[key]
+            checkpoint["frozen_weights"] = {CLIP_PREFIX: source}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = (checkpoint.get("frozen_weights") or {}).get(CLIP_PREFIX)
+        if saved is None:  # a random tower, or a checkpoint that stores the tower's weights
+            return
+        now = self.clip_source
+        if now is None or now["sha256"] != saved["sha256"]:
+            found = "no single weights file" if now is None else f"{now['file']} with SHA-256 {now['sha256'][:12]}…"
+            raise InputError(f"the checkpoint's frozen CLIP tower {saved['source']!r} (revision "
+                             f"{saved.get('revision') or '-'}, {saved['file']} SHA-256 {saved['sha256'][:12]}…) "
+                             f"is not what model.init_args.clip_model={self.hparams.clip_model!r} holds now "
+                             f"({found}): give the original weights")
+        checkpoint["state_dict"].update({CLIP_PREFIX + k: v for k, v in self.net.clip.state_dict().items()})
 
     def heads(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.net(batch[self.hsi_key], batch[self.aux_key])

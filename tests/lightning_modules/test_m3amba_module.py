@@ -117,3 +117,66 @@ def test_guidance_dt_projs_and_ds_get_no_gradient_in_either_mode(faithful):
                 for p in ("Ds", "dt_projs_weight", "dt_projs_bias")}
     assert no_grad == expected
     assert model.has_unused_parameters
+
+
+def _lean_fit(tmp_path: Path, clip: Path) -> Path:
+    from rsfusion.lightning_modules.commands.cli import main
+
+    main(["fit", "--config", "configs/m3amba_synthetic.yaml", "--data.init_args.root", str(tmp_path / "scene"),
+          "--data.init_args.scene_height", "24", "--data.init_args.scene_width", "24",
+          "--data.init_args.train_per_class", "6", "--data.init_args.patch_size", "16",
+          "--data.init_args.train_stride", "8", "--data.init_args.batch_size", "4", "--model.init_args.dims", "16",
+          "--model.init_args.depth", "1", "--model.init_args.d_state", "2", "--model.init_args.clip_model",
+          str(clip), "--model.init_args.clip_config", "null", "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "2",
+          "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--map_after_fit", "false",
+          "--trainer.default_root_dir", str(tmp_path / "runs")])
+    return tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def _save_tower(path: Path, seed: int) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY["clip_config"], "image_size": 16})).save_pretrained(path)
+
+
+def test_a_checkpoint_records_the_pretrained_tower_instead_of_storing_it(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from rsfusion.lightning_modules.commands.cli import main
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    clip = tmp_path / "clip"
+    _save_tower(clip, seed=1)
+    ckpt_path = _lean_fit(tmp_path, clip)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("net.clip.")]
+    assert "net.linear_embed_hsi.weight" in ckpt["state_dict"]  # trainable parameters stay
+    record = ckpt["frozen_weights"]["net.clip."]
+    assert record["sha256"] == hashlib.sha256((clip / "model.safetensors").read_bytes()).hexdigest()
+    assert record["source"] == str(clip) and record["file"] == "model.safetensors"
+
+    # loading reads the tower again: the loaded model equals the trained one, tower included
+    model = M3amba.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    from transformers import CLIPVisionModelWithProjection
+    tower = CLIPVisionModelWithProjection.from_pretrained(clip).state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in model.net.clip.state_dict().items())
+
+    # a changed or missing source: one line naming it, for the console script's test and for export
+    _save_tower(clip, seed=2)
+    test = ["test", "--config", str(ckpt_path.parents[1] / "config.yaml"), "--ckpt_path", str(ckpt_path),
+            "--trainer.default_root_dir", str(tmp_path / "test")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(test)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: ") and f"frozen CLIP tower {str(clip)!r}" in message
+    assert record["sha256"][:12] in message and "give the original weights" in message
+    import shutil
+    shutil.rmtree(clip)
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", str(ckpt_path), "--output", str(tmp_path / "m.pt2")])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "not found locally" in message and str(clip) in message

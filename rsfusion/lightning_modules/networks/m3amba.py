@@ -15,9 +15,15 @@ Tokens are channel-last (B, H, W, C) inside the stacks, like VMamba. The trainin
 the task: :func:`rsfusion.lightning_modules.losses.m3amba_loss` and
 :func:`rsfusion.lightning_modules.optim.no_weight_decay_groups`.
 """
+
+import hashlib
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import CLIPVisionModelWithProjection
+from transformers.utils import cached_file
 
 from rsfusion.lightning_modules.networks.layers import DropPath, Mlp, check_scan_backend
 from rsfusion.lightning_modules.networks.ss2d import (
@@ -209,8 +215,6 @@ def load_clip_vision_tower(clip_model="openai/clip-vit-base-patch32", clip_confi
     counting); otherwise ``clip_model`` is a local directory or a hub name already in the local
     Hugging Face cache (``local_files_only=True``: no download ever happens here).
     """
-    from transformers import CLIPVisionModelWithProjection
-
     if clip_config is not None:
         return CLIPVisionModelWithProjection(clip_config)
     try:
@@ -221,6 +225,26 @@ def load_clip_vision_tower(clip_model="openai/clip-vit-base-patch32", clip_confi
             f"save_pretrained>, or fill the Hugging Face cache beforehand "
             f"(`huggingface-cli download openai/clip-vit-base-patch32`), or pass clip_config= "
             f"for a randomly initialised tower") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def clip_weights_source(clip_model: str) -> dict | None:
+    """Where a pretrained tower's weights come from: ``{"source", "file", "revision", "sha256"}`` (the
+    local weights file ``from_pretrained`` reads, its hub revision if any, its SHA-256), or None when no
+    single weights file can be found (e.g. sharded weights)."""
+    for name in WEIGHT_FILES:
+        path = cached_file(clip_model, name, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path is not None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+            revision = Path(path).parent.name if "snapshots" in Path(path).parts else None
+            return {"source": clip_model, "file": name, "revision": revision, "sha256": digest.hexdigest()}
+    return None
 
 
 class M3ambaNet(nn.Module):
