@@ -98,6 +98,14 @@ def test_config_end_to_end(name, tmp_path, tmp_path_factory, capsys):
         assert len(losses) == 2 and all(np.isfinite(losses))
         assert [float(r["val/ddpm_loss"]) for r in metrics if r.get("val/ddpm_loss")]
         assert (run / "checkpoints" / "last.ckpt").is_file()
+        # a DDPM has nothing to map: predict with its checkpoint is refused in one line
+        with pytest.raises(SystemExit) as refused:
+            main(["predict", *run_args(name, root, tmp_path / "predict")[1:5], "--ckpt_path",
+                  str(run / "checkpoints" / "last.ckpt")])
+        assert refused.value.code == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message == ("error: BDGFPretrain has no classification output to map (BDGFPretrain: give its "
+                           "checkpoint to BDGF as model.init_args.ddpm_checkpoint)")
         return
     for key in ("OA", "AA", "kappa"):
         values = [float(r[f"test/{key}"]) for r in metrics if r.get(f"test/{key}")]

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.tiling import random_origins
 
 __all__ = ["RandomSceneTiles", "pad_to_tile", "random_tiles", "unpadded_modalities"]
 
@@ -28,9 +29,7 @@ def pad_to_tile(x: Tensor, tile: int) -> Tensor:
 
 def random_tiles(scene: Tensor, count: int, tile: int, generator: torch.Generator | None = None) -> Tensor:
     """``count`` random ``tile`` x ``tile`` crops of (C, H, W) ``scene`` with random flips and rot90."""
-    _, h, w = scene.shape
-    ys = torch.randint(0, h - tile + 1, (count,), generator=generator)
-    xs = torch.randint(0, w - tile + 1, (count,), generator=generator)
+    ys, xs = random_origins(tuple(scene.shape[1:]), tile, count, generator)
     turns = torch.randint(0, 4, (count,), generator=generator)
     flips = torch.randint(0, 2, (count,), generator=generator)
     out = []

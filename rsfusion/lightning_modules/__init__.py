@@ -18,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what editors see; at run time __getattr__ imports on first use
-    from rsfusion.lightning_modules.base import FusionClassifier
+    from rsfusion.lightning_modules.base import FusionClassifier, FusionTask
     from rsfusion.lightning_modules.baseline import TwoBranchCNN
     from rsfusion.lightning_modules.bdgf import BDGF
     from rsfusion.lightning_modules.bdgf_pretrain import BDGFPretrain
@@ -29,13 +29,14 @@ if TYPE_CHECKING:  # what editors see; at run time __getattr__ imports on first 
     from rsfusion.lightning_modules.outputs.reporting import TestReport
 
 _EXPORTS = {
-    "FusionClassifier": "base", "TwoBranchCNN": "baseline", "BDGF": "bdgf", "BDGFPretrain": "bdgf_pretrain",
+    "FusionClassifier": "base", "FusionTask": "base", "TwoBranchCNN": "baseline", "BDGF": "bdgf",
+    "BDGFPretrain": "bdgf_pretrain",
     "DAS2F": "das2f", "M3amba": "m3amba", "LeakageReport": "outputs.callbacks", "RNGStateCapture": "outputs.callbacks",
     "default_callbacks": "outputs.callbacks", "ClassificationMapWriter": "outputs.maps",
     "TestReport": "outputs.reporting",
 }
-__all__ = ["BDGF", "BDGFPretrain", "ClassificationMapWriter", "DAS2F", "FusionClassifier", "LeakageReport", "M3amba",
-           "RNGStateCapture", "TestReport", "TwoBranchCNN", "default_callbacks"]
+__all__ = ["BDGF", "BDGFPretrain", "ClassificationMapWriter", "DAS2F", "FusionClassifier", "FusionTask",
+           "LeakageReport", "M3amba", "RNGStateCapture", "TestReport", "TwoBranchCNN", "default_callbacks"]
 
 # Modules that moved into outputs/ and commands/: their old names still import (the same module
 # object), for checkpoints and saved config.yaml files that name them (e.g. ...runs.RunLogger).

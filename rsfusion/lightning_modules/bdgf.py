@@ -69,13 +69,12 @@ from rsfusion.lightning_modules.bdgf_pretrain import (
     pretrain_ddpm,
     resolve_ddpm_config,
 )
+from rsfusion.lightning_modules.losses import bdgf_loss, warmup_weight
 from rsfusion.lightning_modules.networks.bdgf import (
     BRANCHES,
     DEFAULT_GUIDE_LEVELS,
     BDGFNet,
     BDGFOutput,
-    bdgf_loss,
-    warmup_weight,
 )
 from rsfusion.lightning_modules.networks.bdgf_diffusion import MultimodalDenoiserUNet
 
@@ -313,30 +312,19 @@ class BDGF(FusionClassifier):
         terms["ml_weight"] = torch.tensor(weight)
         return loss, terms
 
-    def _update_branch_metrics(self, metrics: nn.ModuleDict, target: Tensor) -> None:
+    def _log_branch_metrics(self, metrics: nn.ModuleDict, target: Tensor, split: str) -> None:
+        # Lightning computes, syncs and resets the metric objects at the end of the epoch
         for b, logits in self._branch_logits.items():
             metrics[b].update(logits.argmax(1), target)
-
-    def _log_branch_metrics(self, metrics: nn.ModuleDict, split: str) -> None:
-        for b, metric in metrics.items():
-            self.log(f"{split}/OA_{b}", metric.compute())
-            metric.reset()
+            self.log(f"{split}/OA_{b}", metrics[b])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        self._update_branch_metrics(self.val_branch_oa, batch["label"])
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_branch_metrics(self.val_branch_oa, "val")
+        self._log_branch_metrics(self.val_branch_oa, batch["label"], "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
-        self._update_branch_metrics(self.test_branch_oa, batch["label"])
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._log_branch_metrics(self.test_branch_oa, "test")
+        self._log_branch_metrics(self.test_branch_oa, batch["label"], "test")
 
     # ------------------------------------------------------------------ the DDPM and the bank
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -8,7 +8,6 @@ classifier reads it as the modality ``ddpm_features``; ``predict_window`` memory
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from rsfusion.datamodules.tiling import padded_shape, sliding_tiles
 from rsfusion.lightning_modules.bdgf_pretrain import denoiser_from_payload
 from rsfusion.lightning_modules.networks.bdgf_diffusion import DiffusionSchedule, MultimodalDenoiserUNet, _check_choice
 
@@ -50,16 +50,6 @@ def feature_cube_channels(denoiser: MultimodalDenoiserUNet, levels: Sequence[int
         raise ValueError(f"levels must be non-empty and in {sorted(denoiser.feature_channels)}, got {tuple(levels)}")
     factor = num_timesteps if timestep_reduction == "concat" else 1
     return {lvl: denoiser.feature_channels[lvl] * factor for lvl in levels}
-
-
-def _tile_origins(size: int, tile: int, stride: int) -> list[int]:
-    return list(range(0, size - tile + 1, stride))
-
-
-def _padded_size(size: int, tile: int, stride: int) -> int:
-    if size <= tile:
-        return tile
-    return tile + math.ceil((size - tile) / stride) * stride
 
 
 def _blend_weights(tile: int, origin: int, padded: int, overlap: int, blend: str) -> Tensor:
@@ -132,7 +122,7 @@ def extract_feature_cube(denoiser: MultimodalDenoiserUNet, schedule: DiffusionSc
     channels, height, width = x0.shape
     noise = scene_noise(channels, height, width, seed)
     stride = tile - overlap
-    ph, pw = _padded_size(height, tile, stride), _padded_size(width, tile, stride)
+    ph, pw = padded_shape((height, width), tile, stride)
     if (ph, pw) != (height, width):
         pad = (0, pw - width, 0, ph - height)
         mode = "reflect" if ph - height < height and pw - width < width else "replicate"
@@ -142,7 +132,7 @@ def extract_feature_cube(denoiser: MultimodalDenoiserUNet, schedule: DiffusionSc
     total_channels = sum(level_width.values())
     acc = torch.zeros(total_channels, ph, pw)
     weight = torch.zeros(ph, pw)
-    origins = [(y, x) for y in _tile_origins(ph, tile, stride) for x in _tile_origins(pw, tile, stride)]
+    origins = sliding_tiles((ph, pw), tile, stride)
     was_training = denoiser.training
     denoiser.eval()
     try:

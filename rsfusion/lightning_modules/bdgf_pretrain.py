@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import pickle
 import time
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
-from rsfusion.lightning_modules.base import Batch, FusionClassifier
+from rsfusion.lightning_modules.base import Batch, FusionTask
 from rsfusion.lightning_modules.networks.bdgf_diffusion import (
     MASKED_TARGETS,
     DiffusionSchedule,
@@ -346,7 +348,7 @@ def load_ddpm_payload(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Stage 1 as a LightningModule
 # ----------------------------------------------------------------------------------------------
-class BDGFPretrain(FusionClassifier):
+class BDGFPretrain(FusionTask):
     """BDGF stage 1: the multimodal DDPM with adaptive modality masking, on unlabelled scene tiles.
 
     Labels are not used: it trains on the DataModule's unlabelled tiles (``data.pretrain_tiles:
@@ -367,7 +369,7 @@ class BDGFPretrain(FusionClassifier):
         ema_decay: EMA of the weights (0.999 [D]).
         lr, weight_decay, scheduler: AdamW 1e-4, no decay, constant lr [D, spec 4.2]; gradient
             clipping (1.0 [D]) is the Trainer's ``gradient_clip_val``.
-        **kwargs: :class:`FusionClassifier` options (linked in_channels, num_classes, ...).
+        **kwargs: :class:`~rsfusion.lightning_modules.base.FusionTask` arguments (the linked in_channels, ...).
     """
 
     samplings = frozenset({"pixel", "tile"})
@@ -376,9 +378,6 @@ class BDGFPretrain(FusionClassifier):
                  lr: float = 1e-4, weight_decay: float = 0.0,
                  scheduler: Literal["cosine", "step_decay", "none"] = "none", **kwargs):
         super().__init__(dense=dense, lr=lr, weight_decay=weight_decay, scheduler=scheduler, **kwargs)
-        if self.hparams.label_smoothing or self.hparams.class_weights is not None:
-            raise InputError("BDGFPretrain trains a DDPM without labels: label_smoothing and class_weights do not "
-                             "apply (set them on BDGF, stage 3)")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.diffusion = BDGFDiffusion(self.in_channels, ddpm, ema_decay)
@@ -448,19 +447,9 @@ class BDGFPretrain(FusionClassifier):
         loss, size = self._eval_loss(batch, batch_idx)
         self.log("val/ddpm_loss", loss, prog_bar=True, batch_size=size)
 
-    def on_validation_epoch_end(self) -> None:
-        """No classification metrics: the DDPM is judged by its denoising loss."""
-
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         loss, size = self._eval_loss(batch, batch_idx)
         self.log("test/ddpm_loss", loss, batch_size=size)
-
-    def on_test_epoch_end(self) -> None:
-        """No classification metrics: the DDPM is judged by its denoising loss."""
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> Batch:
-        raise InputError("BDGFPretrain has no classification output: train BDGF with "
-                         "ddpm_checkpoint=<this checkpoint> to map the scene")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -489,16 +478,17 @@ def pretrain_ddpm(modalities: Mapping[str, np.ndarray | Tensor], config: Mapping
     rank = like.global_rank if like is not None else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same initial weights on every rank
-        module = BDGFPretrain(ddpm=dict(config or {}), ema_decay=ema_decay, lr=lr, in_channels=channels, num_classes=2)
+        module = BDGFPretrain(ddpm=dict(config or {}), ema_decay=ema_decay, lr=lr, in_channels=channels)
         torch.manual_seed(seed + rank)  # other tiles, timesteps, noise and masks on each rank
         tiles = RandomSceneTiles(scene, tile, steps * batch_size)
         module.check_tiles(tiles)
         tiles = DataLoader(tiles, batch_size=batch_size)
         logger = L.pytorch.loggers.CSVLogger(str(log_dir), name="", version="") if log_dir else False
-        trainer = L.Trainer(max_steps=steps, max_epochs=-1, gradient_clip_val=grad_clip or None, logger=logger,
-                            log_every_n_steps=max(1, steps // 50), enable_checkpointing=False,
-                            enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, **_same_processes(like))
+        with _without_banner():  # the outer run has printed Lightning's device banner already
+            trainer = L.Trainer(max_steps=steps, max_epochs=-1, gradient_clip_val=grad_clip or None, logger=logger,
+                                log_every_n_steps=max(1, steps // 50), enable_checkpointing=False,
+                                enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                                limit_val_batches=0, **_same_processes(like))
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=tiles)
     probs = ", ".join(f"{n} {p:.3f}" for n, p in module.diffusion.masking.probabilities.items())
@@ -507,6 +497,18 @@ def pretrain_ddpm(modalities: Mapping[str, np.ndarray | Tensor], config: Mapping
                    f"{time.perf_counter() - start:.1f} s" + (f" (process-group timeout {timeout})" if timeout else "")
                    + f", p_mask [{probs}]")
     return module.diffusion.payload()
+
+
+@contextlib.contextmanager
+def _without_banner():
+    """Lightning's info lines (device banner, tips) off while a Trainer is built; warnings still show."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = log.level
+    log.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _same_processes(like: L.Trainer | None) -> dict[str, Any]:

@@ -23,14 +23,14 @@ from rsfusion.datamodules.checkpoint_inputs import read_checkpoint  # noqa: F401
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.synthetic import SyntheticDataModule
-from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.base import FusionTask
 from rsfusion.lightning_modules.baseline import TwoBranchCNN
 from rsfusion.lightning_modules.bdgf import BDGF
 from rsfusion.lightning_modules.bdgf_pretrain import BDGFPretrain
 from rsfusion.lightning_modules.das2f import DAS2F
 from rsfusion.lightning_modules.m3amba import M3amba
 
-TASKS: dict[str, type[FusionClassifier]] = {cls.__name__: cls for cls in (TwoBranchCNN, M3amba, DAS2F, BDGF,
+TASKS: dict[str, type[FusionTask]] = {cls.__name__: cls for cls in (TwoBranchCNN, M3amba, DAS2F, BDGF,
                                                                           BDGFPretrain)}
 DATAMODULES = (RasterDataModule, SyntheticDataModule, Houston2013DataModule, TrentoDataModule, MUUFLDataModule,
                AugsburgDataModule, BerlinDataModule, MSPanDataModule)
@@ -49,7 +49,7 @@ def _paths() -> dict[str, str]:
     return {**paths, **ALIASES}
 
 
-def task_class(class_path: str | None, source: str) -> type[FusionClassifier]:
+def task_class(class_path: str | None, source: str) -> type[FusionTask]:
     """The task class a checkpoint (or config) names, looked up without importing anything; ``source``
     names the file in the one-line error for any other name."""
     name = _paths().get(str(class_path))
@@ -63,7 +63,7 @@ def class_path_of(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def checked_hyper_parameters(checkpoint: dict, source: str) -> tuple[type[FusionClassifier], dict]:
+def checked_hyper_parameters(checkpoint: dict, source: str) -> tuple[type[FusionTask], dict]:
     """A checkpoint's task class and hyper-parameters, after the checks that keep it from importing code:
     a registered class, Lightning's own instantiator (or none)."""
     hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}

@@ -289,7 +289,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 
 def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
-    from rsfusion.lightning_modules.base import FusionClassifier
+    from rsfusion.lightning_modules.base import FusionTask
     from rsfusion.lightning_modules.commands.cli import RSFusionCLI
 
     config = yaml.safe_load((ROOT / "configs" / "bdgf_pretrain_augsburg.yaml").read_text())
@@ -305,7 +305,7 @@ def test_pretrain_module_logs_masking_probabilities(tmp_path, scene_paths):
                              enable_progress_bar=False, enable_model_summary=False)
     path = tmp_path / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = RSFusionCLI(FusionClassifier, RasterDataModule, subclass_mode_model=True, subclass_mode_data=True,
+    cli = RSFusionCLI(FusionTask, RasterDataModule, subclass_mode_model=True, subclass_mode_data=True,
                       seed_everything_default=0, save_config_kwargs={"overwrite": True},
                       args=["fit", "--config", str(path)])
     assert isinstance(cli.model, BDGFPretrain) and isinstance(cli.datamodule.train_dataset, RandomSceneTiles)
@@ -352,6 +352,7 @@ def test_two_stage_fit_through_the_console_script_then_cache_reuse(tmp_path):
     first = _run([_script(), "fit", "--config", str(config)], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no cached DDPM" in first.stderr and "BDGF stage 1: 3 steps done on 1 process(es) in " in first.stderr
+    assert first.stderr.count("GPU available:") == 1  # the nested stage-1 Trainer prints no second banner
     # stage 1 was a Trainer run of its own, logged beside the classifier's run
     stage1 = list(csv.DictReader((tmp_path / "runs" / "version_0" / "bdgf_pretrain" / "metrics.csv").open()))
     assert {"train/loss", "train/p_mask/hsi", "train/p_mask/sar"} <= set(stage1[0])

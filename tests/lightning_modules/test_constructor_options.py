@@ -7,7 +7,7 @@ changed value must be refused with a one-line error. Options that cannot change 
 listed in EXEMPT with the reason; an argument that is neither exercised nor listed fails
 ``test_every_constructor_argument_is_exercised_or_listed``, so a new option cannot slip through.
 
-The optimiser and schedule options (OPTIMISER_OPTIONS) live in ``FusionClassifier.configure_optimizers``
+The optimiser and schedule options (OPTIMISER_OPTIONS) live in ``FusionTask.configure_optimizers``
 only: they are exercised on TwoBranchCNN, and a test checks that no model overrides that method.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from rsfusion.datamodules import SyntheticDataModule
 from rsfusion.datamodules.errors import InputError
 from rsfusion.lightning_modules import BDGF, DAS2F, BDGFPretrain, M3amba, TwoBranchCNN
-from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.base import FusionClassifier, FusionTask
 
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
                  patch_size=8, projection_dim=8)
@@ -170,18 +170,15 @@ CASES: dict[str, list[tuple[str, Any, dict, Any]]] = {
         ("ema_decay", 0.05, {}, "changes"),
     ],
 }
-# Options of FusionClassifier whose effect goes through methods each model may override (the loss,
-# parameter_groups): exercised for every model.
+# Options of FusionTask / FusionClassifier whose effect goes through methods each model may override (the
+# loss, parameter_groups): exercised for every model that has them (BDGFPretrain, a FusionTask that trains a
+# DDPM without labels, has no loss options).
 PER_MODEL = [("weight_decay", 0.5), ("label_smoothing", 0.3), ("class_weights", "per-class")]
 REFUSED_PER_MODEL = {
     ("BDGF", "class_weights"): r"class_weights: not supported by BDGF's loss",
-    ("BDGFPretrain", "label_smoothing"): r"BDGFPretrain trains a DDPM without labels: label_smoothing and "
-                                         r"class_weights do not apply",
-    ("BDGFPretrain", "class_weights"): r"BDGFPretrain trains a DDPM without labels: label_smoothing and "
-                                       r"class_weights do not apply",
 }
 XFAIL_PER_MODEL: dict[tuple[str, str], str] = {}
-# Used only by FusionClassifier.configure_optimizers (which no model overrides): exercised on TwoBranchCNN.
+# Used only by FusionTask.configure_optimizers (which no model overrides): exercised on TwoBranchCNN.
 OPTIMISER_OPTIONS = {"lr", "optimizer", "scheduler", "warmup_steps", "step_decay_gamma"}
 LINKED = "linked from the DataModule by the CLI (data.{0} -> model.{0}): the data decides it, not the model section"
 SCAN_BACKEND = ("which kernel computes the selective scan, not what it computes: the backends agree within kernel "
@@ -200,6 +197,19 @@ EXEMPT = {
 }
 
 
+def _constructor_arguments(cls) -> set[str]:
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and issubclass(klass, FusionTask):
+            params = inspect.signature(klass.__init__).parameters.values()
+            names |= {p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names
+
+
+def _per_model(family: str) -> list[tuple[str, object]]:
+    return [(option, value) for option, value in PER_MODEL if option in _constructor_arguments(FAMILIES[family].cls)]
+
+
 def _cases():
     for family, cases in CASES.items():
         for option, value, extra, expected in cases:
@@ -207,7 +217,7 @@ def _cases():
             yield pytest.param(family, option, value, extra, expected, id=f"{family}-{option}-{value!r}"[:80],
                                marks=marks)
     for family in FAMILIES:
-        for option, value in PER_MODEL:
+        for option, value in _per_model(family):
             expected = "changes"
             if (family, option) in REFUSED_PER_MODEL:
                 expected = ("refused", REFUSED_PER_MODEL[family, option])
@@ -314,21 +324,12 @@ def test_the_same_options_train_the_same(family, files):
 
 def test_no_model_overrides_the_optimiser_setup():
     for spec in FAMILIES.values():
-        assert spec.cls.configure_optimizers is FusionClassifier.configure_optimizers, spec.cls.__name__
-
-
-def _constructor_arguments(cls) -> set[str]:
-    names = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and issubclass(klass, FusionClassifier):
-            params = inspect.signature(klass.__init__).parameters.values()
-            names |= {p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return names
+        assert spec.cls.configure_optimizers is FusionTask.configure_optimizers, spec.cls.__name__
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_constructor_argument_is_exercised_or_listed(family):
-    exercised = {option for option, *_ in CASES[family]} | {option for option, _ in PER_MODEL}
+    exercised = {option for option, *_ in CASES[family]} | {option for option, _ in _per_model(family)}
     exercised |= OPTIMISER_OPTIONS
     listed = set(EXEMPT["*"]) | set(EXEMPT.get(family, {}))
     unknown = _constructor_arguments(FAMILIES[family].cls) - exercised - listed

@@ -21,7 +21,7 @@ from rsfusion.datamodules.checkpoint_inputs import CheckpointInputs, init_option
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.io import read_header
 from rsfusion.datamodules.raster import RasterDataModule
-from rsfusion.lightning_modules.base import FusionClassifier
+from rsfusion.lightning_modules.base import FusionClassifier, FusionTask
 from rsfusion.lightning_modules.outputs.callbacks import default_callbacks
 from rsfusion.lightning_modules.outputs.inference import ensure_inference_precision
 from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter, ensure_map_writer
@@ -214,6 +214,9 @@ class RSFusionCLI(LightningCLI):
         return trainer
 
     def before_predict(self) -> None:
+        if not isinstance(self.model, FusionClassifier):
+            raise InputError(f"{type(self.model).__name__} has no classification output to map (BDGFPretrain: give "
+                             "its checkpoint to BDGF as model.init_args.ddpm_checkpoint)")
         inputs, dm = self.checkpoint_inputs, self.datamodule
         if inputs is not None and inputs.datamodule_state and isinstance(dm, RasterDataModule):
             dm.load_state_dict(inputs.datamodule_state)  # Lightning restores it only into the same class
@@ -342,7 +345,7 @@ def cli_kwargs() -> dict:
     if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
         # No credentials: any W&B logger (--wandb.enabled or one in a config) runs offline, never prompts.
         os.environ["WANDB_MODE"] = "offline"
-    return dict(model_class=FusionClassifier, datamodule_class=RasterDataModule, subclass_mode_model=True,
+    return dict(model_class=FusionTask, datamodule_class=RasterDataModule, subclass_mode_model=True,
                 subclass_mode_data=True, seed_everything_default=0, save_config_callback=LoggedSaveConfigCallback,
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "yaml"})
 
