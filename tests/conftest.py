@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ import yaml
 from rasterio.transform import from_origin
 
 from rsfusion.kernels import selective_scan_ref
+
+
+def pytest_configure(config):
+    """Caches of runs the tests start (BDGF's DDPMs and banks) go to a fresh folder, never ~/.cache/rsfusion:
+    child processes inherit the variable."""
+    if "RSFUSION_CACHE_DIR" not in os.environ:
+        os.environ["RSFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsfusion-test-cache-")
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -179,8 +187,8 @@ def redirect_outputs(config: Path, out: Path) -> Path:
     data = yaml.safe_load(config.read_text())
     trainer = data["trainer"]
     trainer["default_root_dir"] = str(out)
-    if "cache_dir" in data["model"].get("init_args", {}):
-        data["model"]["init_args"]["cache_dir"] = str(out / "cache")
+    if str(data["model"].get("class_path", "")).endswith("BDGF"):  # never the user's ~/.cache/rsfusion
+        data["model"].setdefault("init_args", {})["cache_dir"] = str(out / "cache")
     path = out / config.name
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))

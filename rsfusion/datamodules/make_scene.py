@@ -2,7 +2,7 @@
 
 The scenes :class:`~rsfusion.datamodules.synthetic.SyntheticDataModule` trains on, as files: another seed
 gives another scene of the same kind (other class regions, spectra drawn anew), e.g. to map with a
-checkpoint trained on seed 0 (README, "Maps of new scenes"). Prints the files written.
+checkpoint trained on seed 0 (docs/maps.md). Prints the files written.
 """
 from __future__ import annotations
 

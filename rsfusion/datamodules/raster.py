@@ -239,6 +239,7 @@ class RasterDataModule(L.LightningDataModule):
         self.palette = [tuple(c) for c in palette] if palette else \
             [DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(self.num_classes)]
         self.scene: Scene | None = None
+        self.extra_modalities: dict[str, np.ndarray | str] = {}  # add_modality's, in every scene this reads
         self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
         self.label_maps: dict[str, np.ndarray] | None = None  # None: a scene to predict only
         self._init_training_options(pad_mode, augment)
@@ -386,7 +387,17 @@ class RasterDataModule(L.LightningDataModule):
                                     clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
                                     nodata=hp.nodata, pad_mode=hp.pad_mode, seed=hp.seed)
             self.normalizers = self.scene.normalizers
+            for name, cube in self.extra_modalities.items():
+                self.scene.add(name, _array(cube))
         return self.scene
+
+    def add_modality(self, name: str, cube: np.ndarray | str) -> None:
+        """One more modality of every sample: a (C, H, W) cube on the reference grid that needs no
+        normalisation (BDGF's feature bank), or the path of a ``.npy`` file of one, which windowed
+        prediction reads window by window (memory-mapped)."""
+        if self.scene is not None:
+            self.scene.add(name, _array(cube))
+        self.extra_modalities[name] = cube
 
     def _fit_mask(self) -> np.ndarray | None:
         if self.hparams.normalize_on != "train":
@@ -494,7 +505,8 @@ class RasterDataModule(L.LightningDataModule):
 
     def _windowed_predict_dataset(self) -> WindowedPredictDataset:
         hp = self.hparams
-        source = SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {}, hp.pad_mode)
+        source = SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {}, hp.pad_mode,
+                             self.extra_modalities)
         normalizers = self.normalizers
         if normalizers is None:
             rank_zero_info("Fitting normalisation statistics window by window (no checkpoint statistics)")
@@ -552,7 +564,7 @@ class RasterDataModule(L.LightningDataModule):
         if self.scene is None and not self.hparams.predict_window and self.normalizers is not None:
             # normalised with the checkpoint's statistics: the model sees this scene as it saw its training scene
             source = SceneSource(self.modalities, self.ratios, self.shape, self.hparams.nodata or {},
-                                 self.hparams.pad_mode)
+                                 self.hparams.pad_mode, self.extra_modalities)
             self.scene = source.scene((0, self.shape[0], 0, self.shape[1]), self.patch_size, self.normalizers)
         elif self.scene is None and not self.hparams.predict_window:
             self.load()
@@ -560,3 +572,7 @@ class RasterDataModule(L.LightningDataModule):
             self.predict_dataset = self._predict_dataset()
         return DataLoader(self.predict_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
                           collate_fn=collate)
+
+
+def _array(cube: np.ndarray | str) -> np.ndarray:
+    return cube if isinstance(cube, np.ndarray) else np.load(cube, mmap_mode="r")

@@ -10,7 +10,7 @@ scene, or :func:`~rsfusion.datamodules.normalization.fit_normalizers` fed the wi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -33,6 +33,9 @@ class SceneSource:
     shape: tuple[int, int]
     nodata: Mapping[str, float]
     pad_mode: PadMode = "reflect"
+    # modalities that are already normalised (C, H, W) arrays on the reference grid, or .npy files of them
+    # (memory-mapped): e.g. BDGF's feature bank (RasterDataModule.add_modality)
+    extra: Mapping[str, np.ndarray | str] = field(default_factory=dict)
 
     def read(self, window: Window) -> tuple[dict, np.ndarray]:
         """Raw modality windows and the reference-grid validity of ``window``."""
@@ -57,13 +60,18 @@ class SceneSource:
             r = self.ratios[name]
             arr = normalizers[name].apply(raster.data, raster.valid)
             data[name] = pad_edges(arr, tuple(m * r for m in missing), self.pad_mode)
+        ratios = dict(self.ratios)
+        for name, cube in self.extra.items():
+            cube = np.load(cube, mmap_mode="r") if isinstance(cube, str) else cube
+            data[name] = pad_edges(np.asarray(cube[:, read[0]:read[1], read[2]:read[3]]), missing, self.pad_mode)
+            ratios[name] = 1
         valid = np.ones((r1 - r0, c1 - c0), dtype=bool)
         for name, raster in rasters.items():
             r = self.ratios[name]
             rows = slice((r0 - read[0]) * r, (r1 - read[0]) * r)
             cols = slice((c0 - read[2]) * r, (c1 - read[2]) * r)
             valid &= coarse_valid(raster.valid[rows, cols], r)
-        return Scene(data, dict(self.ratios), valid, pad, normalizers=dict(normalizers), pad_mode=self.pad_mode)
+        return Scene(data, ratios, valid, pad, normalizers=dict(normalizers), pad_mode=self.pad_mode)
 
 
 def valid_counts(source: SceneSource, windows: list[Window]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """``selective_scan``: mamba-ssm's ``selective_scan_fn`` interface over three backends.
 
-Backends (spec §6):
+Backends:
 
 * ``"cuda"``: mamba-ssm's own ``selective_scan_fn`` (its ``selective_scan_cuda`` extension), when it
   imports and the tensors live on a CUDA device;
@@ -40,7 +40,7 @@ ENV_VAR = "RSFUSION_SCAN_BACKEND"
 _logged_backends = set()
 # (device, dtype) -> None if the Triton kernels passed their self-check there, else the reason
 _triton_health = {}
-# Tolerances of the self-check per input dtype (mamba's test, spec §1.6): outputs; gradients get rtol x5, atol x10.
+# Tolerances of the self-check per input dtype (mamba-ssm's test): outputs; gradients get rtol x5, atol x10.
 _SELF_CHECK_TOL = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
 _SELF_CHECK_TOL_FP32 = (6e-4, 2e-3)
 
@@ -51,7 +51,7 @@ def _mamba_selective_scan_fn():
 
     The extension itself is probed: released mamba-ssm raises ModuleNotFoundError on ``import
     mamba_ssm`` without it, and an extension built against another torch raises ImportError/OSError
-    ("undefined symbol") -- spec §1.7.
+    ("undefined symbol").
     """
     try:
         importlib.import_module("selective_scan_cuda")

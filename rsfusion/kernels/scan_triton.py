@@ -1,6 +1,6 @@
 """Triton selective scan: fused forward and backward kernels (a GPU training fallback for mamba-ssm).
 
-Design (spec §4.2, §6.4): one program per (batch row, block of BLOCK_D channels of one group) holds
+Design: one program per (batch row, block of BLOCK_D channels of one group) holds
 the [BLOCK_D, N] float32 state in registers and walks L sequentially, so every B/C load is shared by
 the channel block. delta_bias, softplus, D and the silu(z) gate are fused. The forward saves only
 the state at the start of every CHUNK steps; the backward walks the chunks from last to first,
@@ -8,7 +8,7 @@ recomputes each chunk's states into a small per-program scratch, then runs the r
 g_l = dy_l C_l + exp(delta_{l+1} A) g_{l+1}. Weight gradients are written per program (per batch row
 and channel block) and reduced with torch sums, so results are deterministic (no atomics).
 
-No libdevice calls, so the kernels also run under ``TRITON_INTERPRET=1`` on CPU (spec §5.4); that
+No libdevice calls, so the kernels also run under ``TRITON_INTERPRET=1`` on CPU; that
 flag must be set before this module is imported.
 """
 import torch
@@ -20,7 +20,7 @@ __all__ = ["selective_scan_triton", "CHUNK"]
 # Steps between saved states: the backward recomputes at most this many states per program at once.
 CHUNK = 64
 # The sequential loop is latency-bound, so programs are kept small (one warp, ~128 state elements)
-# to put many in flight: BLOCK_D * BLOCK_N <= TILE. Untuned: no GPU was available (see README).
+# to put many in flight: BLOCK_D * BLOCK_N <= TILE. Untuned: no GPU was available (see docs/kernels.md).
 TILE = 128
 
 

@@ -1,7 +1,7 @@
 """BDGF stage 2: the whole-scene diffusion feature bank of a frozen DDPM, as a cached artefact.
 
 The bank (decoder ``levels`` at ``timesteps``, averaged or concatenated, tiles of ``tile`` with
-``overlap``, one fixed noise field [D, spec 5]) is a (F, H, W) fp16 ``.npy`` on the scene grid,
+``overlap``, one fixed noise field [D]) is a (F, H, W) fp16 ``.npy`` on the scene grid,
 cached under a key that hashes the DDPM's weights, the normalised scene and these options, with a
 ``.json`` of its provenance beside it (:func:`rsfusion.datamodules.feature_bank.save_bank`). The
 classifier reads it as the modality ``ddpm_features``; ``predict_window`` memory-maps it.
@@ -78,7 +78,7 @@ def extract_feature_cube(denoiser: MultimodalDenoiserUNet, schedule: DiffusionSc
     x_t = q_sample(x0, t, eps) with eps from ``scene_noise(C, H, W, seed)``, one UNet pass (no
     masking), the decoder maps of ``levels`` upsampled bilinearly to tile resolution. Timesteps
     are averaged (``timestep_reduction="mean"`` [D]) or concatenated (``"concat"``), and tiles are
-    stitched with ``blend="mean"`` (uniform average in overlaps, spec default [D]) or
+    stitched with ``blend="mean"`` (uniform average in overlaps, default [D]) or
     ``"center"`` (each pixel taken from the tile(s) where it lies at least ``overlap // 2`` from
     an inner tile edge, which equals an untiled pass when the network is local and its receptive
     field radius is at most ``overlap // 2``).

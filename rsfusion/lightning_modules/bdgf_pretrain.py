@@ -50,30 +50,30 @@ __all__ = ["BDGFDiffusion", "BDGFPretrain", "ModalityMaskingController", "DDPM_D
 
 PAYLOAD_FORMAT = "rsfusion-bdgf-ddpm-v2"
 # Payload formats load_ddpm_payload reads. v1 DDPMs were trained with the masked modality's
-# epsilon as target (pure noise: spec 4.2 before its correction); they still load, with a warning.
+# epsilon as target (pure noise: docs/models/bdgf.md before its correction); they still load, with a warning.
 READABLE_PAYLOAD_FORMATS = ("rsfusion-bdgf-ddpm-v1", PAYLOAD_FORMAT)
 # Version of the stage-1 training objective, part of the DDPM cache key: bump it whenever a code
 # change alters what pretraining learns, so a DDPM cached by older code is never reused.
 # 2: masked modalities predict x0 or add no loss (masked_target), never their hidden epsilon.
 STAGE1_OBJECTIVE_VERSION = 2
 
-# The multimodal DDPM's configuration (spec section 4; all [D] except where noted). Keys of a
+# The multimodal DDPM's configuration (docs/models/bdgf.md; all [D] except where noted). Keys of a
 # ``ddpm`` dict override these; unknown keys are an error.
 DDPM_DEFAULTS: dict[str, Any] = {
-    # denoiser: guided-diffusion style UNet (spec 4.1)
+    # denoiser: guided-diffusion style UNet (docs/models/bdgf.md)
     "base_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": 2, "attention_levels": [2],
     "attention_heads": 4, "dropout": 0.1, "stem_channels": 32, "norm": "group", "norm_groups": 32,
     "time_embed_mult": 4, "mask_fill": "learned", "mask_indicator": "channel",
-    # noise schedule: Ho et al. (spec 4.1)
+    # noise schedule: Ho et al. (docs/models/bdgf.md)
     "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "linear",
-    # adaptive modality masking (spec 4.2 [R] mechanism, [D] numbers) and its ablation switches (4.3)
+    # adaptive modality masking (docs/models/bdgf.md [R] mechanism, [D] numbers) and its ablation switches (4.3)
     "mask_mode": "adaptive", "initial_probabilities": None, "mask_ema_momentum": 0.99, "mask_window": 200,
     "mask_step_size": 0.05, "p_min": 0.05, "p_max": 0.5, "max_total": 0.9, "criterion": "loss_progress",
     "loss_weighting": "per_modality", "mask_granularity": "modality", "band_group_fraction": 0.5,
-    # what a masked modality's outputs are trained on (spec 4.2 corrected [R]): x0 | none
+    # what a masked modality's outputs are trained on (docs/models/bdgf.md [R]): x0 | none
     "masked_target": "x0",
 }
-_DENOISER_KEYS = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "attention_heads",
+DENOISER_KEYS = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "attention_heads",
                   "dropout", "stem_channels", "norm", "norm_groups", "time_embed_mult", "mask_fill", "mask_indicator")
 
 
@@ -101,7 +101,7 @@ class ModalityMaskingController(nn.Module):
 
     Each sample draws one outcome among {no mask, mask modality 1, ..., mask modality M} with
     probabilities (1 - sum p, p_1, ..., p_M): at most one modality is hidden, so all modalities
-    are never masked at once [R]. Modes (spec section 4.3): ``"none"`` (p = 0), ``"random_fixed"``
+    are never masked at once [R]. Modes (docs/models/bdgf.md): ``"none"`` (p = 0), ``"random_fixed"``
     (p = ``initial_probabilities`` forever) and ``"adaptive"`` [D]:
 
     - ``step(losses)`` feeds each modality's *unmasked* loss (the stage-1 code feeds the epsilon MSE
@@ -115,7 +115,7 @@ class ModalityMaskingController(nn.Module):
       more often and the network must learn the slower one. Probabilities are rescaled if their
       sum would exceed ``max_total``.
 
-    The spec writes the rule for two modalities with a half step for the auxiliary one; the
+    The reconstruction writes the rule for two modalities with a half step for the auxiliary one; the
     symmetric form above (ours) covers any number of modalities. With ``criterion="grad_norm"``
     (OGM-GE-like alternative), ``step`` receives per-modality gradient norms (e.g.
     ``MultimodalDenoiserUNet.stem_gradient_norms()``) and rho_m compares their EMAs directly.
@@ -251,7 +251,7 @@ class BDGFDiffusion(nn.Module):
         cfg = resolve_ddpm_config(config)
         self.config = cfg
         self.modality_channels = {n: int(c) for n, c in modality_channels.items()}
-        self.denoiser = MultimodalDenoiserUNet(self.modality_channels, **{k: cfg[k] for k in _DENOISER_KEYS})
+        self.denoiser = MultimodalDenoiserUNet(self.modality_channels, **{k: cfg[k] for k in DENOISER_KEYS})
         # the library's EMA of the weights (and buffers), with the usual warm-up of the decay
         self.ema = AveragedModel(self.denoiser, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
@@ -307,7 +307,7 @@ def denoiser_from_payload(payload: Mapping[str, Any]) -> tuple[MultimodalDenoise
     # the random init is overwritten; fork the RNG so that building the bank or reading it from the
     # cache leaves the training run's random stream identical
     with torch.random.fork_rng(devices=[]):
-        denoiser = MultimodalDenoiserUNet(payload["modality_channels"], **{k: cfg[k] for k in _DENOISER_KEYS})
+        denoiser = MultimodalDenoiserUNet(payload["modality_channels"], **{k: cfg[k] for k in DENOISER_KEYS})
     denoiser.load_state_dict(payload["state_dict"])
     schedule = DiffusionSchedule(cfg["num_timesteps"], cfg["beta_start"], cfg["beta_end"], cfg["schedule"])
     return denoiser.eval().requires_grad_(False), schedule
@@ -367,7 +367,7 @@ class BDGFPretrain(FusionTask):
     Args:
         ddpm: overrides of :data:`DDPM_DEFAULTS` (architecture, schedule, masking).
         ema_decay: EMA of the weights (0.999 [D]).
-        lr, weight_decay, scheduler: AdamW 1e-4, no decay, constant lr [D, spec 4.2]; gradient
+        lr, weight_decay, scheduler: AdamW 1e-4, no decay, constant lr [D]; gradient
             clipping (1.0 [D]) is the Trainer's ``gradient_clip_val``.
         **kwargs: :class:`~rsfusion.lightning_modules.base.FusionTask` arguments (the linked in_channels, ...).
     """
@@ -464,7 +464,7 @@ def pretrain_ddpm(modalities: Mapping[str, np.ndarray | Tensor], config: Mapping
     """Stage 1 on given arrays: :class:`BDGFPretrain` fitted by a Trainer; returns the DDPM payload (EMA weights).
 
     ``modalities`` {name: (C_m, H, W)} normalised, unpadded, on a common grid. AdamW (weight decay
-    0), gradient clipping, EMA of the weights, random flipped/rotated tiles [D, spec 4.2 recipe];
+    0), gradient clipping, EMA of the weights, random flipped/rotated tiles [D];
     ``steps`` optimiser steps. ``like``: a running Trainer whose accelerator, devices, nodes and
     strategy (class, process-group backend and timeout) the stage-1 Trainer takes over: called on every
     rank of a DDP run, all ranks train together (each on its own tiles, seeded ``seed + rank``).

@@ -14,7 +14,7 @@ from rsfusion.lightning_modules.networks.layers import check_scan_backend
 class DAS2F(FusionClassifier):
     """DAS2F (Diff-Attention Aware State Space Fusion) on MS + PAN (4x) patches, ``pixel`` sampling.
 
-    Recipe defaults come from the same authors' code family (spec: shared/specs/das2f.md §3): Adam,
+    Recipe defaults come from the same authors' code family (docs/models/das2f.md): Adam,
     lr 1.93e-4, weight decay 5e-4 (L2), lr x 0.9995 after every step, batch 64, 40 epochs.
 
     Args:
@@ -24,7 +24,7 @@ class DAS2F(FusionClassifier):
         ms, pan: the DataModule's modality names of the MS and PAN rasters.
         patch_size: the MS patch side (linked from the DataModule); the PAN patch is 4x.
         d_model, d_state, dt_rank, mlp_ratio, head_hidden: network widths (authors' 64, 24, 24, 4, 1024).
-        cross_swap, dominant_features, fusion: the spec's ablation switches (see :class:`DAS2FNet`).
+        cross_swap, dominant_features, fusion: the paper's ablation switches (see :class:`DAS2FNet`).
         scan_backend: selective-scan kernel: "auto" (RSFUSION_SCAN_BACKEND if set, else the fastest
             that runs), "torch", "triton" or "cuda"; one that cannot run here is refused.
         **kwargs: :class:`FusionClassifier` options.

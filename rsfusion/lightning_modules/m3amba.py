@@ -37,7 +37,7 @@ class M3amba(FusionClassifier):
         clip_config: keyword arguments of a ``transformers.CLIPVisionConfig`` to build a randomly
             initialised tower instead (tests, CPU demos); ``projection_dim`` is the embedding size.
             A ``clip_model`` other than the default together with ``clip_config`` is refused.
-        exchange, avg_A, shared_stream_weights, clip_normalize, linear_embed_trainable: the spec's
+        exchange, avg_A, shared_stream_weights, clip_normalize, linear_embed_trainable: the network's
             switches (authors: "B", True, True, False; trainable embeddings are ours).
         compute_guidance_output: False [ours, default] skips the guidance stream's discarded output
             (identical logits); True runs the authors' network op for op (faithful mode).

@@ -99,8 +99,8 @@ def test_bank_cache_key_follows_the_ddpm(tmp_path, ddpm_files, make_dm):
     models = [tiny_bdgf(ddpm_checkpoint=str(p), cache_dir=str(cache))
               for p in (ddpm_files[0], ddpm_files[1], ddpm_files[0])]
     for model, dm in zip(models, dms):
-        model.prepare_feature_bank(dm.scene)
-    keys = [m._bank_key for m in models]
+        model.prepare_feature_bank(dm)
+    keys = [Path(m.feature_bank_path).stem for m in models]
     assert keys[0] != keys[1] and keys[0] == keys[2]
     assert sorted(p.stem for p in (cache / "banks").glob("*.npy")) == sorted({keys[0], keys[1]})
     banks = [dm.scene.data[FEATURE_KEY] for dm in dms]
@@ -114,7 +114,7 @@ def test_bank_cache_key_follows_the_ddpm(tmp_path, ddpm_files, make_dm):
 def test_truncated_bank_is_detected_and_rebuilt(tmp_path, ddpm_files, make_dm):
     cache = tmp_path / "cache"
     first_dm = make_dm()
-    tiny_bdgf(ddpm_checkpoint=str(ddpm_files[0]), cache_dir=str(cache)).prepare_feature_bank(first_dm.scene)
+    tiny_bdgf(ddpm_checkpoint=str(ddpm_files[0]), cache_dir=str(cache)).prepare_feature_bank(first_dm)
     (path,) = (cache / "banks").glob("*.npy")
     good = np.load(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a half-written file under the final name
@@ -122,7 +122,7 @@ def test_truncated_bank_is_detected_and_rebuilt(tmp_path, ddpm_files, make_dm):
     assert cube is None and "truncated" in reason
     dm = make_dm()
     with pytest.warns(UserWarning, match="unusable .*truncated.*rebuilding"):
-        tiny_bdgf(ddpm_checkpoint=str(ddpm_files[0]), cache_dir=str(cache)).prepare_feature_bank(dm.scene)
+        tiny_bdgf(ddpm_checkpoint=str(ddpm_files[0]), cache_dir=str(cache)).prepare_feature_bank(dm)
     np.testing.assert_array_equal(np.load(path), good)
     np.testing.assert_array_equal(dm.scene.data[FEATURE_KEY], first_dm.scene.data[FEATURE_KEY])
 
@@ -141,7 +141,7 @@ def test_feature_bank_file_is_used_as_given(tmp_path, make_dm):
     assert model.net.branches["cnn"].guide_proj[0].in_channels == 1
     assert model.net.branches["transformer"].guide_proj.in_channels == 2
     dm = make_dm()
-    model.prepare_feature_bank(dm.scene)
+    model.prepare_feature_bank(dm)
     data = dm.train_dataset
     idx = [0, 3, len(data) - 1]
     batch = data.__getitems__(idx)
@@ -162,7 +162,7 @@ def test_each_mutual_learning_switch_trains_a_step(tmp_path, make_dm, ml):
     torch.manual_seed(0)
     model = tiny_bdgf(feature_bank=str(tmp_path / "bank.npy"), ml=ml)
     dm = make_dm()
-    model.prepare_feature_bank(dm.scene)
+    model.prepare_feature_bank(dm)
     batch = next(iter(dm.train_dataloader()))
     loss, terms = model.training_loss(batch)
     ml_part = {"none": 0.0, "prob": terms["prob_kl"] + 0.1 * terms["entropy_gap"], "feat": 0.5 * terms["feat_cos"],
@@ -255,19 +255,20 @@ def test_ddpm_cache_key_covers_the_objective(tmp_path, make_dm):
     torch.save(stale, cache / "ddpm" / f"{old_key}.pt")
 
     model = tiny_bdgf(cache_dir=str(cache))
-    model.prepare_feature_bank(dm.scene)
-    assert model._sources["DDPM"] == "built"  # pre-trained again, the stale file left alone
-    assert model._ddpm_payload["config"]["masked_target"] == "x0" and model._ddpm_payload["objective"] == 2
+    model.prepare_feature_bank(dm)
+    assert model.bank_provider.sources["DDPM"] == "built"  # pre-trained again, the stale file left alone
+    payload = model.bank_provider.payload
+    assert payload["config"]["masked_target"] == "x0" and payload["objective"] == 2
     files = {p.stem for p in (cache / "ddpm").glob("*.pt")}
     assert len(files) == 2 and old_key in files
 
     none = tiny_bdgf(cache_dir=str(cache), ddpm={**TINY_DDPM, "masked_target": "none"})
-    none.prepare_feature_bank(make_dm().scene)
-    assert none._sources["DDPM"] == "built" and len(list((cache / "ddpm").glob("*.pt"))) == 3
+    none.prepare_feature_bank(make_dm())
+    assert none.bank_provider.sources["DDPM"] == "built" and len(list((cache / "ddpm").glob("*.pt"))) == 3
     again = tiny_bdgf(cache_dir=str(cache))
-    again.prepare_feature_bank(make_dm().scene)
-    assert again._sources == {"DDPM": "cache", "bank": "cache"}
-    assert payload_digest(again._ddpm_payload) == payload_digest(model._ddpm_payload)
+    again.prepare_feature_bank(make_dm())
+    assert again.bank_provider.sources == {"DDPM": "cache", "bank": "cache"}
+    assert payload_digest(again.bank_provider.payload) == payload_digest(model.bank_provider.payload)
 
     # a pre-fix DDPM given explicitly still loads, with a warning
     with pytest.warns(UserWarning, match="pre-trained before the stage-1 fix"):

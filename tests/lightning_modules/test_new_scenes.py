@@ -255,7 +255,7 @@ def test_probability_maps_under_ddp_equal_one_process(trained):
 
 
 def test_the_shipped_predict_config_maps_the_readme_scene(trained, tmp_path, monkeypatch):
-    """configs/predict/new_scene.yaml, as the README runs it from a checkout after ``fit --config demo.yaml``."""
+    """configs/predict/new_scene.yaml, as docs/maps.md runs it from a checkout after ``fit --config demo.yaml``."""
     import shutil
 
     from rsfusion.datamodules import make_scene

@@ -24,7 +24,7 @@ def main(args: list[str] | None = None) -> None:
         if not isinstance(cli.model, BDGF):
             raise InputError(f"rsfusion bank: the config's model is {type(cli.model).__name__}, not BDGF")
         cli.datamodule.load()
-        cli.model.prepare_feature_bank(cli.datamodule.scene)
+        cli.model.prepare_feature_bank(cli.datamodule)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

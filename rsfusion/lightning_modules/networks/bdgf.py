@@ -5,7 +5,7 @@ BDGF (Liu et al., arXiv 2509.23310). From the paper's abstract [P]: diffusion fe
 hierarchically guide three feature extractors -- CNN, Mamba and Transformer -- through feature
 fusion, group channel attention and cross-attention, and the sub-networks learn mutually by
 aligning their probability entropy and their feature similarity. Everything else is a
-reconstruction [R] or an rsfusion default [D] from ``specs/bdgf.md`` sections 6-7, and every
+reconstruction [R] or an rsfusion default [D] from docs/models/bdgf.md, and every
 number is a constructor/function argument:
 
 - per-branch stem (no weight sharing): per modality Conv3x3 -> D/2 + BN + GELU, concat, Conv1x1
@@ -14,7 +14,7 @@ number is a constructor/function argument:
   shallow guide F1 after block 1 [R/D];
 - Mamba: 2 pre-norm blocks LN -> SS2D -> residual on the P x P token grid, group channel
   attention (4 groups, SE-style gate from [branch || guide], gated mix, channel shuffle) with
-  the middle guide F2 after block 1 [R/D]. The spec's bidirectional 1-D scan over the 121
+  the middle guide F2 after block 1 [R/D]. The reconstruction's bidirectional 1-D scan over the 121
   tokens is replaced by the suite's shared SS2D (4 cross-scan directions, which include raster
   and reversed raster); SS2D's depthwise conv is 2-D, so d_conv is 3 (odd) instead of 4 [ours];
 - Transformer: CLS + learnable position embedding, 2 layers of pre-LN MHSA (4 heads) + MLP
@@ -63,7 +63,7 @@ def _conv_bn_gelu(cin: int, cout: int, kernel: int) -> nn.Sequential:
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 class ModalityStem(nn.Module):
-    """Per-modality Conv3x3 + BN + GELU, concatenated, Conv1x1 -> ``dim`` [D, spec 6].
+    """Per-modality Conv3x3 + BN + GELU, concatenated, Conv1x1 -> ``dim`` [D].
 
     forward({name: (B, C_m, P, P)}) -> (B, dim, P, P). ``modality_dim`` defaults to dim // 2.
     """
@@ -374,5 +374,5 @@ class BDGFNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mutual learning (spec section 7)
+# Mutual learning (docs/models/bdgf.md)
 # ----------------------------------------------------------------------------------------------

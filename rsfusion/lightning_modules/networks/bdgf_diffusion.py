@@ -8,7 +8,7 @@ Only the skeleton is the paper's (abstract; the code it announces at github.com/
 not available to this project, and nothing here has been compared with it): a multimodal DDPM, adaptive modality
 masking, and
 diffusion features hierarchically guiding CNN/Mamba/Transformer branches. Everything below the
-skeleton is a reconstruction [R] or an rsfusion default [D] from ``specs/bdgf.md``; every such
+skeleton is a reconstruction [R] or an rsfusion default [D] from docs/models/bdgf.md; every such
 number is a constructor/function argument:
 
 - schedule: T=1000, linear betas 1e-4..0.02, eps-prediction, MSE (Ho et al.) [D];
@@ -18,7 +18,7 @@ number is a constructor/function argument:
 - masking: whole modalities on the UNet input, learned per-channel fill value, indicator channel
   per modality stem, loss averaged per modality [R]; a masked modality's outputs predict its clean
   x0 (``masked_target="x0"``, variance-normalised MSE) or add no loss (``"none"``), never its
-  noise, which the network cannot see [R, spec 4.2 corrected]; adaptation from relative progress of
+  noise, which the network cannot see [R]; adaptation from relative progress of
   the visible-sample epsilon loss with EMA 0.99, windows of 200 steps, eta 0.05, p in [0.05, 0.5],
   start (0.3, 0.1) [D];
 - features: timesteps {50, 150} averaged, the three decoder levels, bilinear upsampling to tile
@@ -28,8 +28,8 @@ The masking controller lives with stage 1 (``rsfusion/lightning_modules/bdgf_pre
 feature extraction with stage 2 (``rsfusion/lightning_modules/bdgf_features.py``): this module holds networks
 and their losses only.
 
-Decoder levels are numbered from 0 = full resolution (shallowest, the spec's "level-1 32x32") to
-``len(channel_mult) - 1`` = deepest (the spec's "level-3 8x8").
+Decoder levels are numbered from 0 = full resolution (shallowest, the reconstruction's "level-1 32x32") to
+``len(channel_mult) - 1`` = deepest (the reconstruction's "level-3 8x8").
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ class MultimodalDenoiserUNet(nn.Module):
     the output of decoder level ``l`` (its last res/attention block, before upsampling), with
     ``C_l = base_channels * channel_mult[l]`` (see ``feature_channels``).
 
-    Architecture defaults are rsfusion's [D] (guided-diffusion style, spec section 4.1).
+    Architecture defaults are rsfusion's [D] (guided-diffusion style, docs/models/bdgf.md).
     ``norm="none"`` and ``attention_levels=()`` give a purely local (convolutional) network, whose
     tiled features equal the untiled ones away from tile borders.
     """
@@ -442,7 +442,7 @@ def masked_diffusion_loss(pred: Tensor, noise: Tensor, x0: Tensor, channel_mask:
     pred, noise, x0 (B, C, H, W), modalities stacked along C; channel_mask (B, C) bool (None: nothing
     hidden). Visible channels are trained on the usual epsilon target. A hidden channel's noise is
     independent of everything the network sees (its x_t is replaced), so epsilon is no target for it
-    (best prediction 0, loss floor 1) [R, spec 4.2 corrected]. Instead:
+    (best prediction 0, loss floor 1) [R]. Instead:
 
     - ``"x0"`` (default): the hidden channels' outputs predict the clean x0 (cross-modal
       reconstruction from the visible modalities). Their squared error is divided by the channel's

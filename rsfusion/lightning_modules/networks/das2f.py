@@ -1,7 +1,7 @@
 """DAS²F: Diff-Attention Aware State Space Fusion (Ma et al., arXiv 2504.16665) as pure nn.Modules.
 
 Re-implementation of the authors' ``model_nanjing.py`` (2 CMDA stages) and ``model_smallxian.py``
-(1 stage) from github AVKSKVL/DAS-F-Model, following /work/shared/specs/das2f.md. Tags in the
+(1 stage) from github AVKSKVL/DAS-F-Model, following docs/models/das2f.md. Tags in the
 docstrings say where each default comes from: [C] the authors' code (exact), [G] the same author's
 sibling repo BMoAMamba, [D] a default chosen for rsfusion (an ablation switch, off the paper path).
 
@@ -111,7 +111,7 @@ class SpvmParameters(nn.Module):
 
 
 def scan_fp32(u, delta, A, B, C, D, delta_bias, backend="auto"):
-    """Grouped selective scan with Δ-softplus, run in fp32 whatever the autocast dtype (spec §3:
+    """Grouped selective scan with Δ-softplus, run in fp32 whatever the autocast dtype (
     bf16 autocast is fine for linears and convs, the scan stays fp32). Returns (B, D, L) fp32."""
     with torch.autocast(device_type=u.device.type, enabled=False):
         return selective_scan(u.float(), delta.float(), A, B.float(), C.float(), D=D,
