@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from rsfusion.datamodules.errors import InputError
+from rsfusion.datamodules.label_set import labels_digest
+from rsfusion.datamodules.normalization import Normalizer
 
 # RasterDataModule options that name files of one scene: never carried from a checkpoint to another scene
 SCENE_FILES = ("modalities", "train_labels", "test_labels", "val_labels", "labels")
@@ -33,7 +37,8 @@ def input_options(dm) -> dict[str, Any]:
                    eval_batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
                    allow_even_patch=bool(hp.get("allow_even_patch")
                                          or (dm.sampling == "pixel" and dm.patch_size % 2 == 0)))
-    return {**options, "class_names": list(dm.class_names), "palette": [list(c) for c in dm.palette],
+    palette = [list(c) for c in dm.palette] if dm.palette else None
+    return {**options, "class_names": list(dm.class_names), "palette": palette,
             "modality_bands": [[name, int(bands)] for name, bands in dm._bands.items()],
             "in_channels": [[name, int(c)] for name, c in dm.in_channels.items()]}
 
@@ -123,3 +128,52 @@ def check_modalities(expected: Mapping[str, int], actual: Mapping[str, int], fil
     if list(actual) != list(expected):
         raise InputError(f"modalities are given in the order {', '.join(actual)}; {source} takes them in the order "
                          f"{', '.join(expected)} (the order the model sees them)")
+
+
+def _same_normalizer(a: Normalizer, b: Normalizer | None) -> bool:
+    if b is None:
+        return False
+    sa, sb = a.state(), b.state()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and np.allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5) for k in sa)
+
+
+def datamodule_state(dm) -> dict:
+    """The fitted normalisation goes into checkpoints, so prediction normalises as training did; what a
+    new scene must look like (``lightning predict --ckpt_path``); and the split's fingerprint, so a
+    checkpoint is never tested on another split of the same labels."""
+    state = {}
+    if dm.label_maps is not None:
+        state["split"] = {"seed": int(dm.hparams.seed), "labels": dm.label_set.digest,
+                          "split": labels_digest(dm.label_maps)}
+    if dm.normalizers is not None:
+        # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
+        state["normalizers"] = {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
+                                for name, n in dm.normalizers.items()}
+        state["input"] = input_options(dm)
+    return state
+
+
+def restore_datamodule_state(dm, state_dict: dict) -> None:
+    """Check a checkpoint's split fingerprint against ``dm``'s split, and give ``dm`` its normalisation."""
+    split = state_dict.get("split")
+    predicting = dm.trainer is not None and dm.trainer.predicting  # a map does not use the split
+    if split and not predicting and dm.label_maps is not None and split["labels"] == dm.label_set.digest \
+            and split["split"] != labels_digest(dm.label_maps):
+        raise InputError(f"{dm.hparams.labels or dm.hparams.train_labels}: the checkpoint was trained on "
+                         f"another split of these labels (split seed {split['seed']}, here {dm.hparams.seed}): "
+                         f"its test pixels would not be the ones held out; pass --data.init_args.seed "
+                         f"{split['seed']} (or the run's --seed_everything)")
+    if "normalizers" not in state_dict:
+        return
+    saved = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
+             for name, s in state_dict["normalizers"].items()}
+    check_modalities({name: len(n.stats.offset) for name, n in saved.items()}, dm._bands, dm.modalities,
+                     "the checkpoint's normalisation")
+    if dm.scene is not None:  # already normalised with its own statistics: say if they differ
+        for name, normalizer in saved.items():
+            if not _same_normalizer(normalizer, dm.scene.normalizers.get(name)):
+                rank_zero_warn(f"{dm.modalities.get(name, name)}: normalisation statistics differ from the "
+                               "checkpoint's (another scene?); this scene is normalised with its own")
+        return
+    dm.normalizers = saved

@@ -1,72 +1,35 @@
 """``RasterDataModule``: any set of co-registered rasters + label maps -> patch or tile batches."""
 from __future__ import annotations
 
-import hashlib
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning as L
 import numpy as np
-import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from rsfusion.datamodules.augment import Augment, BatchAugmenter, batch_generator
-from rsfusion.datamodules.checkpoint_inputs import check_modalities, input_options
-from rsfusion.datamodules.errors import InputError, RasterError
+from rsfusion.datamodules.checkpoint_inputs import datamodule_state, restore_datamodule_state
+from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.io import is_gdal_raster, read_header
-from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
+from rsfusion.datamodules.label_set import SplitProtocol, read_label_set
 from rsfusion.datamodules.normalization import Normalization, Normalizer, fit_normalizers
 from rsfusion.datamodules.pretrain_tiles import RandomSceneTiles
 from rsfusion.datamodules.sampling import (
-    IGNORE_INDEX,
-    ClassBalancedSampler,
-    EpochShuffleSampler,
-    PixelPatchDataset,
-    TileDataset,
-    balanced_classes,
     collate,
+    labelled_dataset,
+    loader,
+    prediction_dataset,
 )
 from rsfusion.datamodules.scene import PadMode, Scene, borrow_georeferencing, grid_ratios, load_scene, reference_header
 from rsfusion.datamodules.splits import (
-    block_split,
-    check_per_class,
-    per_class_split,
     pixels_inside_patches,
-    remap_labels,
-    sample_per_class,
 )
-from rsfusion.datamodules.tiling import covering_tiles, grid_windows, strided_tiles
+from rsfusion.datamodules.tiling import grid_windows
 from rsfusion.datamodules.windows import SceneSource, WindowedPredictDataset
 
 log = logging.getLogger(__name__)
-
-# A palette with distinct, print-friendly colours (black is kept for "no data").
-DEFAULT_PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-    (0, 0, 128), (128, 128, 128),
-]
-
-
-def _same_normalizer(a: Normalizer, b: Normalizer | None) -> bool:
-    if b is None:
-        return False
-    sa, sb = a.state(), b.state()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and np.allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5) for k in sa)
-
-
-def _digest(maps: dict[str, np.ndarray]) -> str:
-    """SHA-256 of named label maps (names, shapes and values)."""
-    digest = hashlib.sha256()
-    for name in sorted(maps):
-        digest.update(f"{name}{maps[name].shape}".encode())
-        digest.update(np.ascontiguousarray(maps[name], dtype=np.int32).tobytes())
-    return digest.hexdigest()
-
 
 class RasterDataModule(L.LightningDataModule):
     """Co-registered rasters of several modalities with train/test (and optional val) label maps.
@@ -138,20 +101,7 @@ class RasterDataModule(L.LightningDataModule):
             scene per epoch (flips, rot90; :mod:`rsfusion.datamodules.pretrain_tiles`) instead of labelled
             samples: BDGF's DDPM (``BDGFPretrain``). Validation and test keep their labelled samples.
 
-    Maps are written on the reference grid with its georeferencing; when the reference is an array
-    without one (``.mat``, ``.npy``), the transform (and CRS, if any) of the first georeferenced input
-    is used and the log says so.
-
-    What happens when: ``__init__`` reads no raster pixel. It reads the rasters' headers (band counts
-    for ``in_channels``, grids, georeferencing) and the label maps, and makes the splits (per-class
-    sampling, spatial blocks, validation blocks, guard bands) with their checks: all of it on the
-    label grid, small integer maps next to a scene of many float bands, and all of it what the CLI
-    links into the model (``in_channels``, ``num_classes``, ``class_names``, ``dense``,
-    ``patch_size``) or needs to build the Trainer (``has_validation``), so every one-line error about
-    grids, labels and splits comes while the CLI instantiates its classes, before the Trainer starts
-    or DDP processes spawn. ``setup`` does the heavy part: reading and normalising the scene's pixels
-    (:meth:`load`), the datasets and the leakage count. ``lightning fit --print_config`` builds
-    nothing: it reads neither headers nor pixels.
+    When each step happens, and the map's georeferencing: docs/data.md.
     """
 
     def __init__(
@@ -208,6 +158,8 @@ class RasterDataModule(L.LightningDataModule):
                              f"(pixel at index {(patch_size - 1) // 2})")
         if predict_window is not None and predict_window < 1:
             raise InputError(f"predict_window must be a positive number of pixels, got {predict_window}")
+        if pad_mode not in get_args(PadMode):
+            raise InputError(f"pad_mode must be reflect or zero, got {pad_mode!r}")
         unlabelled = all(p is None for p in (labels, train_labels, test_labels, val_labels))
         if not unlabelled and ((labels is None) == (train_labels is None and test_labels is None) or
                                (labels is None and (train_labels is None or test_labels is None))):
@@ -223,34 +175,20 @@ class RasterDataModule(L.LightningDataModule):
 
         self._probe_layout([p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None])
 
-        self.class_names = list(class_names) if class_names else None
-        self.hparams.seed = seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
-        maps = self._read_label_maps({"train": train_labels, "test": test_labels, "val": val_labels, "all": labels},
-                                     label_map, label_nodata, class_map, coordinate_base)
-        fixed_k = len(self.class_names) if self.class_names else None
-        if unlabelled and fixed_k is None:
-            raise InputError(f"{', '.join(self.modalities.values())}: no label maps and no class_names; give "
-                             "class_names to predict (or --ckpt_path, which supplies them), label maps to train")
-        self.num_classes = fixed_k or int(max(label_map.values()) if label_map else max(m.max() for m in maps.values()))
-        if self.num_classes < 1:
-            raise RasterError(f"{labels or train_labels}: no labelled pixel (0 = unlabelled, 1..K = classes)")
-        if self.class_names is None:
-            self.class_names = [f"class {k}" for k in range(1, self.num_classes + 1)]
-        self.palette = [tuple(c) for c in palette] if palette else \
-            [DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(self.num_classes)]
+        seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
+        self.hparams.seed = seed
+        self.label_set = read_label_set(
+            self.reference, {"train": train_labels, "test": test_labels, "val": val_labels, "all": labels},
+            class_names, label_map, label_nodata, class_map, coordinate_base,
+            SplitProtocol(train_per_class, val_fraction, test_fraction, split_block_size,
+                          patch_size // 2 if guard is None else guard, seed), self.modalities)
+        self.num_classes, self.class_names = self.label_set.num_classes, self.label_set.class_names
+        self.palette = [tuple(c) for c in palette] if palette else None  # None: the map's default colours
         self.scene: Scene | None = None
         self.extra_modalities: dict[str, np.ndarray | str] = {}  # add_modality's, in every scene this reads
         self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
-        self.label_maps: dict[str, np.ndarray] | None = None  # None: a scene to predict only
-        self._init_training_options(pad_mode, augment)
-        if unlabelled:
-            return
-
-        self._labels_digest = _digest(maps)
-        self.guard_removed: np.ndarray | None = None  # per class: test pixels the per-class guard band removed
-        self.label_maps = self._split(maps, train_per_class, val_fraction, test_fraction, split_block_size,
-                                      patch_size // 2 if guard is None else guard, seed)
-        self._check_splits(self.label_maps, train_labels or labels, test_labels or labels, fixed_k is not None)
+        augmenter = BatchAugmenter(augment, list(self.modalities))
+        self.augmenter = augmenter if augmenter.active else None
 
     def _probe_layout(self, label_paths: list[str]) -> None:
         """Band counts, grid ratios, the reference grid and its georeferencing, from headers only."""
@@ -267,88 +205,14 @@ class RasterDataModule(L.LightningDataModule):
             raise InputError(f"patch_size {self.patch_size} is larger than the scene {self.shape} of "
                              f"{self.reference.path}")
 
-    def _init_training_options(self, pad_mode: str, augment: Augment | None) -> None:
-        if pad_mode not in ("reflect", "zero"):
-            raise InputError(f"pad_mode must be reflect or zero, got {pad_mode!r}")
-        augmenter = BatchAugmenter(augment, list(self.modalities))
-        self.augmenter = augmenter if augmenter.active else None
+    @property
+    def label_maps(self) -> dict[str, np.ndarray] | None:
+        """The train/val/test label rasters (``label_set.rasters``; None for a scene that is only predicted)."""
+        return self.label_set.rasters
 
-    def _read_label_maps(self, paths: dict[str, str | None], label_map: dict[int, int] | None,
-                         label_nodata: int | None, class_map: str | None,
-                         coordinate_base: int) -> dict[str, np.ndarray]:
-        """Read every given label map (or coordinate list into ``class_map``); ``label_map`` renumbers
-        the classes before anything else."""
-        fixed_k = len(self.class_names) if self.class_names else None
-        if label_map and fixed_k is not None and max(label_map.values()) != fixed_k:
-            raise InputError(f"label_map maps to classes 1..{max(label_map.values())} but class_names names "
-                             f"{fixed_k}: give one name per new class")
-        check_k = None if label_map else fixed_k
-        coordinates_into = class_map and ClassMap.read(self.reference, class_map, check_k, label_nodata,
-                                                       coordinate_base)
-        maps = {}
-        for split, path in paths.items():
-            if path is None:
-                continue
-            values = read_split_labels(self.reference, path, check_k, label_nodata, coordinates_into)
-            if label_map:
-                values = remap_labels(values, label_map, path)
-            maps[split] = values.astype(np.int16 if values.max() < 2 ** 15 else np.int32)
-        return maps
-
-    def _split(self, maps: dict[str, np.ndarray], train_per_class, val_fraction: float, test_fraction: float,
-               block_size: int, guard: int, seed: int) -> dict[str, np.ndarray]:
-        """train/val/test maps from the given ones by the configured protocol (see the class docstring)."""
-        if not 0 <= val_fraction < 1:
-            raise InputError(f"val_fraction must be in [0, 1) (0 = no validation set), got {val_fraction}")
-        maps = dict(maps)
-        if train_per_class is not None:
-            check_per_class(train_per_class)
-        if "all" in maps and train_per_class is not None:
-            maps["train"], maps["test"], removed = per_class_split(maps["all"], train_per_class, seed, guard)
-            self._log_per_class(maps["train"], removed, train_per_class, seed, guard)
-        elif "all" in maps:
-            if not 0 < test_fraction < 1:
-                raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
-            everything = maps["all"]  # kept: the split card counts it
-            maps["train"], maps["test"] = block_split(everything, test_fraction, block_size, seed, guard)
-            dropped = int((everything > 0).sum() - (maps["train"] > 0).sum() - (maps["test"] > 0).sum())
-            rank_zero_info(f"Block split (seed {seed}): the guard band of {guard} px removed {dropped} training "
-                           "pixels around the test blocks")
-        elif train_per_class is not None:  # official maps: subsample the training map, keep the official test set
-            maps["train"] = sample_per_class(maps["train"], train_per_class, seed, keep_test=False)
-            self._log_per_class(maps["train"], None, train_per_class, seed, guard)
-        if "val" not in maps and val_fraction > 0:
-            maps["train"], maps["val"] = block_split(maps["train"], val_fraction, block_size, seed + 1)
-        return maps
-
-    def _log_per_class(self, train: np.ndarray, removed: np.ndarray | None, per_class, seed: int, guard: int) -> None:
-        counts = np.bincount(train.ravel(), minlength=self.num_classes + 1)[1:]
-        summary = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, counts))
-        rank_zero_info(f"Per-class sampling (train_per_class {per_class}, seed {seed}): training pixels {summary}")
-        if removed is None:
-            return
-        self.guard_removed = np.bincount(removed.ravel(), minlength=self.num_classes + 1)[1:]
-        detail = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, self.guard_removed) if n)
-        rank_zero_info(f"Guard band of {guard} px around the training pixels removed {int(self.guard_removed.sum())} "
-                       f"test pixels{f' ({detail})' if detail else ''}")
-
-    def _check_splits(self, maps, train_path, test_path, configured: bool) -> None:
-        for split in ("train", "val", "test"):
-            if split in maps and not (maps[split] > 0).any():
-                raise RasterError(f"{train_path if split != 'test' else test_path}: the {split} set is empty")
-        val_path = self.hparams.val_labels or train_path
-        for first, path in (("train", train_path), ("val", val_path)):  # selecting on test pixels is leakage too
-            both = (maps[first] > 0) & (maps["test"] > 0) if first in maps else None
-            if both is not None and both.any():
-                r, c = np.argwhere(both)[0]
-                raise RasterError(f"{path} and {test_path}: {int(both.sum())} pixels are labelled in both "
-                                  f"{first} and test (first at row {r}, col {c})")
-        counts = np.bincount(maps["train"].ravel(), minlength=self.num_classes + 1)[1:]
-        for k in np.flatnonzero(counts == 0):
-            message = f"{train_path}: class {k + 1} ({self.class_names[k]}) has no training pixel"
-            if configured:
-                raise RasterError(message)
-            rank_zero_warn(message)
+    @property
+    def guard_removed(self) -> np.ndarray | None:
+        return self.label_set.guard_removed
 
     @property
     def has_validation(self) -> bool:
@@ -365,31 +229,32 @@ class RasterDataModule(L.LightningDataModule):
     def dense(self) -> bool:
         return self.sampling == "tile"
 
-    def _pixels(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        labels = self.label_maps[split]
-        keep = (labels > 0) & self.scene.valid
-        dropped = int(((labels > 0) & ~self.scene.valid).sum())
-        if dropped:
-            rank_zero_warn(f"{dropped} {split} pixels fall on nodata/NaN and are not used")
-        rows, cols = np.nonzero(keep)
-        return rows, cols, labels[rows, cols] - 1
-
-    def _tile_labels(self, split: str) -> np.ndarray:
-        labels = self.label_maps[split]
-        return np.where((labels > 0) & self.scene.valid, labels - 1, IGNORE_INDEX)
-
     def load(self) -> Scene:
-        """Read and normalise the scene once (the expensive part, kept out of ``__init__``)."""
-        if self.scene is None:
-            hp = self.hparams
-            self.scene = load_scene(self.modalities, pad=self.patch_size, normalization=hp.normalization,
-                                    normalization_overrides=hp.normalization_overrides,
-                                    clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
-                                    nodata=hp.nodata, pad_mode=hp.pad_mode, seed=hp.seed)
-            self.normalizers = self.scene.normalizers
-            for name, cube in self.extra_modalities.items():
-                self.scene.add(name, _array(cube))
+        """The scene, read and normalised once (the expensive part, kept out of ``__init__``): with the
+        checkpoint's statistics when a checkpoint gave them before the first read (prediction), else with
+        statistics fitted on this scene. Every in-memory scene is made here; windowed prediction reads the
+        same :meth:`scene_source` window by window."""
+        if self.scene is not None:
+            return self.scene
+        hp = self.hparams
+        if self.normalizers is not None:  # the model sees this scene as it saw its training scene
+            self.scene = self.scene_source().scene((0, self.shape[0], 0, self.shape[1]), self.patch_size,
+                                                   self.normalizers)
+            return self.scene
+        self.scene = load_scene(self.modalities, pad=self.patch_size, normalization=hp.normalization,
+                                normalization_overrides=hp.normalization_overrides,
+                                clip_percentile=hp.clip_percentile, fit_mask=self._fit_mask(), pca=hp.pca,
+                                nodata=hp.nodata, pad_mode=hp.pad_mode, seed=hp.seed)
+        self.normalizers = self.scene.normalizers
+        for name, cube in self.extra_modalities.items():
+            self.scene.add(name, _array(cube))
         return self.scene
+
+    def scene_source(self) -> SceneSource:
+        """The scene's files, grids and options, from which windows (or the whole scene) are read."""
+        hp = self.hparams
+        return SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {}, hp.pad_mode,
+                           self.extra_modalities)
 
     def add_modality(self, name: str, cube: np.ndarray | str) -> None:
         """One more modality of every sample: a (C, H, W) cube on the reference grid that needs no
@@ -408,42 +273,11 @@ class RasterDataModule(L.LightningDataModule):
         return self.label_maps["train"] > 0
 
     def state_dict(self) -> dict:
-        """The fitted normalisation goes into checkpoints, so prediction normalises as training did; what a
-        new scene must look like (``lightning predict --ckpt_path``); and the split's fingerprint, so a
-        checkpoint is never tested on another split of the same labels."""
-        state = {}
-        if self.label_maps is not None:
-            state["split"] = {"seed": int(self.hparams.seed), "labels": self._labels_digest,
-                              "split": _digest(self.label_maps)}
-        if self.normalizers is not None:
-            # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
-            state["normalizers"] = {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
-                                    for name, n in self.normalizers.items()}
-            state["input"] = input_options(self)
-        return state
+        """The fitted normalisation, the input options and the split's fingerprint (:func:`datamodule_state`)."""
+        return datamodule_state(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        split = state_dict.get("split")
-        predicting = self.trainer is not None and self.trainer.predicting  # a map does not use the split
-        if split and not predicting and self.label_maps is not None and split["labels"] == self._labels_digest \
-                and split["split"] != _digest(self.label_maps):
-            raise InputError(f"{self.hparams.labels or self.hparams.train_labels}: the checkpoint was trained on "
-                             f"another split of these labels (split seed {split['seed']}, here {self.hparams.seed}): "
-                             f"its test pixels would not be the ones held out; pass --data.init_args.seed "
-                             f"{split['seed']} (or the run's --seed_everything)")
-        if "normalizers" not in state_dict:
-            return
-        saved = {name: Normalizer.from_state({k: np.asarray(v) for k, v in s.items()})
-                 for name, s in state_dict["normalizers"].items()}
-        check_modalities({name: len(n.stats.offset) for name, n in saved.items()}, self._bands, self.modalities,
-                         "the checkpoint's normalisation")
-        if self.scene is not None:  # already normalised with its own statistics: say if they differ
-            for name, normalizer in saved.items():
-                if not _same_normalizer(normalizer, self.scene.normalizers.get(name)):
-                    rank_zero_warn(f"{self.modalities.get(name, name)}: normalisation statistics differ from the "
-                                   "checkpoint's (another scene?); this scene is normalised with its own")
-            return
-        self.normalizers = saved
+        restore_datamodule_state(self, state_dict)
 
     def setup(self, stage: str | None = None) -> None:
         if self.label_maps is None and stage != "predict":
@@ -478,35 +312,19 @@ class RasterDataModule(L.LightningDataModule):
                                          int(options["per_epoch"]))
 
     def _dataset(self, split: str):
-        if self.sampling == "pixel":
-            rows, cols, labels = self._pixels(split)
-            # an even patch's pixel is off-centre: cut it one larger so that flips and rotations pivot on it
-            turned = split == "train" and self.augmenter is not None and self.augmenter.geometric
-            extra = int(turned and self.patch_size % 2 == 0)
-            return PixelPatchDataset(self.scene, rows, cols, self.patch_size, labels, extra)
-        labels = self._tile_labels(split)
-        tile = self.patch_size
-        if split == "train":
-            origins, keep = strided_tiles(self.shape, tile, self.train_stride), None
-        else:
-            origins, keep = covering_tiles(self.shape, tile)
-        dataset = TileDataset(self.scene, origins, tile, labels, keep)
-        has_label = dataset.labelled()
-        return TileDataset(self.scene, origins[has_label], tile, labels, None if keep is None else keep[has_label])
+        # an even pixel patch is off-centre: cut it one larger so that flips and rotations pivot on it
+        turned = split == "train" and self.augmenter is not None and self.augmenter.geometric
+        return labelled_dataset(self.scene, self.label_maps[split], split, self.sampling, self.patch_size,
+                                self.train_stride, extra=int(turned and self.patch_size % 2 == 0))
 
     def _predict_dataset(self):
         if self.hparams.predict_window:
             return self._windowed_predict_dataset()
-        if self.sampling == "pixel":
-            rows, cols = np.nonzero(self.scene.valid)
-            return PixelPatchDataset(self.scene, rows, cols, self.patch_size)
-        origins, keep = covering_tiles(self.shape, self.patch_size)
-        return TileDataset(self.scene, origins, self.patch_size, None, keep)
+        return prediction_dataset(self.scene, self.sampling, self.patch_size)
 
     def _windowed_predict_dataset(self) -> WindowedPredictDataset:
         hp = self.hparams
-        source = SceneSource(self.modalities, self.ratios, self.shape, hp.nodata or {}, hp.pad_mode,
-                             self.extra_modalities)
+        source = self.scene_source()
         normalizers = self.normalizers
         if normalizers is None:
             rank_zero_info("Fitting normalisation statistics window by window (no checkpoint statistics)")
@@ -517,29 +335,14 @@ class RasterDataModule(L.LightningDataModule):
             self.normalizers = normalizers
         return WindowedPredictDataset(source, normalizers, self.sampling, self.patch_size, hp.predict_window)
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        # The training order depends on (data seed, epoch) only, so resumed runs match exactly.
-        # Under DDP, evaluation splits the samples without repeating any (exact synchronised metrics);
-        # prediction is split by Lightning the same way.
+    def _loader_of(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if shuffle and self.hparams.balanced_sampling:
-            sampler = ClassBalancedSampler(balanced_classes(dataset), self.hparams.seed, world, rank)
-        elif shuffle:
-            sampler = EpochShuffleSampler(len(dataset), self.hparams.seed, world, rank)
-        elif world > 1:
-            if len(dataset) < world:  # a process without samples would skip the metric synchronisation: a hang
-                raise InputError(f"{self.reference.path}: an evaluation set has {len(dataset)} samples, fewer than "
-                                 f"the {world} processes; run it on fewer devices")
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        else:
-            sampler = None
-        per_rank = len(sampler) if sampler is not None else len(dataset)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate, persistent_workers=self.num_workers > 0,
-                          drop_last=shuffle and per_rank % batch_size == 1)
+        return loader(dataset, batch_size, shuffle, seed=self.hparams.seed, world=world, rank=rank,
+                      balanced=self.hparams.balanced_sampling, num_workers=self.num_workers,
+                      where=self.reference.path)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        return self._loader_of(self.train_dataset, self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Augments training batches on their device; the draws depend on (seed, epoch, rank, batch index)."""
@@ -555,18 +358,13 @@ class RasterDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
             return []  # Lightning skips the validation loop (val_fraction: 0 without val_labels)
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+        return self._loader_of(self.val_dataset, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+        return self._loader_of(self.test_dataset, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        if self.scene is None and not self.hparams.predict_window and self.normalizers is not None:
-            # normalised with the checkpoint's statistics: the model sees this scene as it saw its training scene
-            source = SceneSource(self.modalities, self.ratios, self.shape, self.hparams.nodata or {},
-                                 self.hparams.pad_mode, self.extra_modalities)
-            self.scene = source.scene((0, self.shape[0], 0, self.shape[1]), self.patch_size, self.normalizers)
-        elif self.scene is None and not self.hparams.predict_window:
+        if not self.hparams.predict_window:
             self.load()
         if self.hparams.predict_window or not hasattr(self, "predict_dataset"):
             self.predict_dataset = self._predict_dataset()

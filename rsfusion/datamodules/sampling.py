@@ -1,4 +1,4 @@
-"""Patch and tile datasets cut on the fly from a :class:`~rsfusion.datamodules.scene.Scene`.
+"""Patch and tile datasets cut on the fly from a :class:`~rsfusion.datamodules.scene.Scene`, and their loaders.
 
 Both datasets fetch whole batches at once (``__getitems__``): one vectorised gather per modality
 instead of one slice per sample, so the data pipeline stays far ahead of the models on a CPU.
@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from numpy.lib.stride_tricks import sliding_window_view
-from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.scene import Scene
+from rsfusion.datamodules.tiling import covering_tiles, strided_tiles
 
 IGNORE_INDEX = -1
 
@@ -229,3 +232,54 @@ def balanced_classes(dataset: Dataset) -> np.ndarray:
         return dataset.rarest_classes()
     raise InputError(f"balanced_sampling needs labelled pixel or tile samples; the training set is a "
                      f"{type(dataset).__name__}")
+
+
+def labelled_dataset(scene: Scene, labels: np.ndarray, split: str, sampling: str, patch_size: int,
+                     train_stride: int, extra: int = 0) -> Dataset:
+    """The samples of one split's label raster: a patch per labelled valid pixel (``pixel``; ``extra``
+    pixels more on each side, for augmentation) or the tiles holding labelled pixels (``tile``: strided
+    for training, a covering grid for evaluation)."""
+    valid = (labels > 0) & scene.valid
+    if sampling == "pixel":
+        dropped = int(((labels > 0) & ~scene.valid).sum())
+        if dropped:
+            rank_zero_warn(f"{dropped} {split} pixels fall on nodata/NaN and are not used")
+        rows, cols = np.nonzero(valid)
+        return PixelPatchDataset(scene, rows, cols, patch_size, labels[rows, cols] - 1, extra)
+    targets = np.where(valid, labels - 1, IGNORE_INDEX)
+    if split == "train":
+        origins, keep = strided_tiles(scene.shape, patch_size, train_stride), None
+    else:
+        origins, keep = covering_tiles(scene.shape, patch_size)
+    has_label = TileDataset(scene, origins, patch_size, targets, keep).labelled()
+    return TileDataset(scene, origins[has_label], patch_size, targets, None if keep is None else keep[has_label])
+
+
+def prediction_dataset(scene: Scene, sampling: str, patch_size: int) -> Dataset:
+    """Every valid pixel of the scene (``pixel``), or the tiles covering it (``tile``)."""
+    if sampling == "pixel":
+        rows, cols = np.nonzero(scene.valid)
+        return PixelPatchDataset(scene, rows, cols, patch_size)
+    origins, keep = covering_tiles(scene.shape, patch_size)
+    return TileDataset(scene, origins, patch_size, None, keep)
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, *, seed: int, world: int, rank: int, balanced: bool,
+           num_workers: int, where: str) -> DataLoader:
+    """The DataLoader of a split. The training order depends on (data seed, epoch) only, so resumed runs match
+    exactly. Under DDP, evaluation splits the samples without repeating any (exact synchronised metrics);
+    prediction is split by Lightning the same way."""
+    if shuffle and balanced:
+        sampler = ClassBalancedSampler(balanced_classes(dataset), seed, world, rank)
+    elif shuffle:
+        sampler = EpochShuffleSampler(len(dataset), seed, world, rank)
+    elif world > 1:
+        if len(dataset) < world:  # a process without samples would skip the metric synchronisation: a hang
+            raise InputError(f"{where}: an evaluation set has {len(dataset)} samples, fewer than the {world} "
+                             "processes; run it on fewer devices")
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    else:
+        sampler = None
+    per_rank = len(sampler) if sampler is not None else len(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=num_workers > 0, drop_last=shuffle and per_rank % batch_size == 1)

@@ -102,9 +102,7 @@ def pad_edges(arr: np.ndarray, widths: tuple[int, int, int, int], mode: PadMode 
     """Pad a (C, H, W) array by (top, bottom, left, right) pixels: mirror the image (``reflect``, the
     edge pixel not repeated) or ``zero`` in normalised units (what the network sees: the band mean
     under zscore, the band minimum under minmax)."""
-    top, bottom, left, right = widths
-    if mode not in ("reflect", "zero"):
-        raise ValueError(f"pad_mode must be reflect or zero, got {mode!r}")
+    top, bottom, left, right = widths  # mode: checked once, by RasterDataModule
     return np.pad(arr, ((0, 0), (top, bottom), (left, right)), mode="reflect" if mode == "reflect" else "constant")
 
 

@@ -34,7 +34,7 @@ from matplotlib.patches import Patch
 
 from rsfusion.datamodules.writing import atomic_path
 from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs, evaluation_checkpoint
-from rsfusion.lightning_modules.outputs.maps import ensure_map_writer
+from rsfusion.lightning_modules.outputs.maps import class_colours, ensure_map_writer
 
 METRICS = ("OA", "AA", "kappa")
 
@@ -99,7 +99,7 @@ def train_and_evaluate(label: str, config_path: Path, seed: int, output: Path, o
                      metrics=metrics, fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                      map_path=writer.paths.get("tif"), run_dir=run_dir,
                      data_seed=getattr(datamodule, "hparams", {}).get("seed"), class_names=list(datamodule.class_names),
-                     palette=[tuple(c) for c in datamodule.palette])
+                     palette=class_colours(datamodule.palette, len(datamodule.class_names)))
 
 
 def _finish_wandb() -> None:

@@ -28,6 +28,22 @@ from rsfusion.lightning_modules.outputs.reporting import Progress, log_picture
 log = logging.getLogger(__name__)
 
 
+# A palette with distinct, print-friendly colours (black is kept for "no data").
+DEFAULT_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (0, 0, 128), (128, 128, 128),
+]
+
+
+def class_colours(palette, num_classes: int) -> list[tuple[int, int, int]]:
+    """The map colours of classes 1..K: the DataModule's ``palette`` if it has one, else the default's."""
+    if palette:
+        return [tuple(int(v) for v in c) for c in palette]
+    return [DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(num_classes)]
+
+
 def render_png(path: str | Path, class_map: np.ndarray, class_names: list[str], palette: list[tuple[int, int, int]],
                title: str | None = None) -> None:
     """A colour map with a legend (0 = no data, black), written atomically."""
@@ -257,8 +273,8 @@ class ClassificationMapWriter(BasePredictionWriter):
                 paths, predicted = self._merge(parts, trainer.world_size, expected, dm, staging)
                 shutil.rmtree(parts, ignore_errors=True)
                 png = staging / f"{self.name}.png"
-                render_png(png, read_preview(paths["tif"], self.PNG_MAX_SIDE), dm.class_names, dm.palette,
-                           title=type(pl_module).__name__)
+                render_png(png, read_preview(paths["tif"], self.PNG_MAX_SIDE), dm.class_names,
+                           class_colours(dm.palette, len(dm.class_names)), title=type(pl_module).__name__)
                 ckpt = getattr(trainer, "ckpt_path", None)
                 commit(staging, self._out, self.name, self._set_id, None if ckpt is None else str(ckpt))
         finally:
@@ -281,7 +297,8 @@ class ClassificationMapWriter(BasePredictionWriter):
         names = json.dumps(list(dm.class_names))
         tag = {SET_TAG: self._set_id}
         dtype = np.uint8 if k < 255 else np.uint16
-        colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in enumerate(dm.palette)}} if k < 255 else None
+        colours = enumerate(class_colours(dm.palette, k))
+        colormap = {0: (0, 0, 0, 255), **{i + 1: (*c, 255) for i, c in colours}} if k < 255 else None
         writers = {"tif": GeoTiffWriter(
             folder / f"{self.name}.tif", shape, dtype, crs, transform, nodata=0, colormap=colormap,
             descriptions=["class"], tags={"CLASS_NAMES": names, **tag}, category_names=["no data", *dm.class_names],
