@@ -150,23 +150,23 @@ class TileDataset(Dataset):
     (prediction) samples carry ``"origin"`` and the owned-pixel mask ``"owned"``.
     """
 
-    def __init__(self, scene: Scene, origins: np.ndarray, tile: int, labels: np.ndarray | None = None,
+    def __init__(self, scene: Scene, origins: np.ndarray, patch_size: int, labels: np.ndarray | None = None,
                  keep: np.ndarray | None = None):
-        if scene.pad < tile:
-            raise ValueError(f"scene padding {scene.pad} is smaller than the tile size {tile}")
+        if scene.pad < patch_size:
+            raise ValueError(f"scene padding {scene.pad} is smaller than the patch_size size {patch_size}")
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         self.keep = np.zeros_like(self.origins) if keep is None else np.asarray(keep, dtype=np.int64)
-        self.tile, self.pad = tile, scene.pad
+        self.patch_size, self.pad = patch_size, scene.pad
         self.scene = scene
         h, w = scene.shape
-        # Owned-pixel masks need the image border: pixels beyond it belong to no tile.
-        inside = np.zeros((h + 2 * tile, w + 2 * tile), dtype=bool)
-        inside[tile:tile + h, tile:tile + w] = scene.valid
-        self.inside = sliding_window_view(inside, (tile, tile))
+        # Owned-pixel masks need the image border: pixels beyond it belong to no patch_size.
+        inside = np.zeros((h + 2 * patch_size, w + 2 * patch_size), dtype=bool)
+        inside[patch_size:patch_size + h, patch_size:patch_size + w] = scene.valid
+        self.inside = sliding_window_view(inside, (patch_size, patch_size))
         if labels is not None:
-            padded = np.full((h + 2 * tile, w + 2 * tile), IGNORE_INDEX, dtype=np.int64)
-            padded[tile:tile + h, tile:tile + w] = labels
-            self.labels = sliding_window_view(padded, (tile, tile))
+            padded = np.full((h + 2 * patch_size, w + 2 * patch_size), IGNORE_INDEX, dtype=np.int64)
+            padded[patch_size:patch_size + h, patch_size:patch_size + w] = labels
+            self.labels = sliding_window_view(padded, (patch_size, patch_size))
             self.class_pixels = np.bincount(labels[labels >= 0].ravel())  # labelled pixels per class
         else:
             self.labels = None
@@ -176,8 +176,8 @@ class TileDataset(Dataset):
 
     def _owned(self, idx: np.ndarray) -> np.ndarray:
         y, x = self.origins[idx, 0], self.origins[idx, 1]
-        owned = self.inside[y + self.tile, x + self.tile].copy()
-        local = np.arange(self.tile)
+        owned = self.inside[y + self.patch_size, x + self.patch_size].copy()
+        local = np.arange(self.patch_size)
         owned &= (local[None, :, None] >= self.keep[idx, 0, None, None])
         owned &= (local[None, None, :] >= self.keep[idx, 1, None, None])
         return owned
@@ -187,7 +187,8 @@ class TileDataset(Dataset):
         out = np.zeros(len(self), dtype=bool)
         for idx in np.array_split(np.arange(len(self)), max(1, len(self) // 1024)):
             y, x = self.origins[idx, 0], self.origins[idx, 1]
-            out[idx] = ((self.labels[y + self.tile, x + self.tile] >= 0) & self._owned(idx)).any(axis=(1, 2))
+            p = self.patch_size
+            out[idx] = ((self.labels[y + p, x + p] >= 0) & self._owned(idx)).any(axis=(1, 2))
         return out
 
     def rarest_classes(self) -> np.ndarray:
@@ -201,7 +202,7 @@ class TileDataset(Dataset):
         out = np.empty(len(self), dtype=np.int64)
         for idx in np.array_split(np.arange(len(self)), max(1, len(self) // 1024)):
             y, x = self.origins[idx, 0], self.origins[idx, 1]
-            labels = np.where(self._owned(idx), self.labels[y + self.tile, x + self.tile], IGNORE_INDEX)
+            labels = np.where(self._owned(idx), self.labels[y + self.patch_size, x + self.patch_size], IGNORE_INDEX)
             ranks = np.where(labels >= 0, rarity[np.maximum(labels, 0)], none).min(axis=(1, 2))
             out[idx] = np.where(ranks < none, by_rarity[np.minimum(ranks, none - 1)], IGNORE_INDEX)
         return out
@@ -209,10 +210,10 @@ class TileDataset(Dataset):
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         y, x = self.origins[idx, 0], self.origins[idx, 1]
-        batch = _gather(_windows(self.scene, self.tile), y + self.pad, x + self.pad)
+        batch = _gather(_windows(self.scene, self.patch_size), y + self.pad, x + self.pad)
         owned = self._owned(idx)
         if self.labels is not None:
-            target = np.where(owned, self.labels[y + self.tile, x + self.tile], IGNORE_INDEX)
+            target = np.where(owned, self.labels[y + self.patch_size, x + self.patch_size], IGNORE_INDEX)
             batch["label"] = torch.from_numpy(target)
         else:
             batch["origin"] = torch.from_numpy(self.origins[idx])

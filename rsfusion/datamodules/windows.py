@@ -92,7 +92,7 @@ class WindowedPredictDataset(Dataset):
     def __init__(self, source: SceneSource, normalizers: Mapping[str, Normalizer], sampling: str, patch_size: int,
                  window: int, counts: np.ndarray | None = None):
         self.source, self.normalizers = source, dict(normalizers)
-        self.sampling, self.size = sampling, patch_size
+        self.sampling, self.patch_size = sampling, patch_size
         if sampling == "pixel":
             self.windows = grid_windows(source.shape, window)
             self.counts = valid_counts(source, self.windows) if counts is None else np.asarray(counts)
@@ -103,7 +103,7 @@ class WindowedPredictDataset(Dataset):
 
     def _group_tiles(self, window: int) -> None:
         h, w = self.source.shape
-        origins, keep = covering_tiles(self.source.shape, self.size)
+        origins, keep = covering_tiles(self.source.shape, self.patch_size)
         block = (origins[:, 0] // window) * (-(-w // window)) + origins[:, 1] // window
         order = np.argsort(block, kind="stable")
         self.origins, self.keep, block = origins[order], keep[order], block[order]
@@ -111,8 +111,8 @@ class WindowedPredictDataset(Dataset):
         for b in np.unique(block):
             sel = np.flatnonzero(block == b)
             ys, xs = self.origins[sel, 0], self.origins[sel, 1]
-            self.windows.append((int(ys.min()), int(min(h, ys.max() + self.size)),
-                                 int(xs.min()), int(min(w, xs.max() + self.size))))
+            self.windows.append((int(ys.min()), int(min(h, ys.max() + self.patch_size)),
+                                 int(xs.min()), int(min(w, xs.max() + self.patch_size))))
             counts.append(len(sel))
         self.counts = np.array(counts, dtype=np.int64)
 
@@ -123,14 +123,14 @@ class WindowedPredictDataset(Dataset):
         if self._cached is None or self._cached[0] != k:
             self._cached = None  # free the previous window before reading the next
             r0, r1, c0, c1 = core = self.windows[k]
-            scene = self.source.scene(core, self.size, self.normalizers)
+            scene = self.source.scene(core, self.patch_size, self.normalizers)
             if self.sampling == "pixel":
                 rows, cols = np.nonzero(scene.valid)
-                dataset = PixelPatchDataset(scene, rows, cols, self.size)
+                dataset = PixelPatchDataset(scene, rows, cols, self.patch_size)
             else:
                 first = int(self.ends[k] - self.counts[k])
                 local = self.origins[first:self.ends[k]] - np.array([r0, c0])
-                dataset = TileDataset(scene, local, self.size, None, self.keep[first:self.ends[k]])
+                dataset = TileDataset(scene, local, self.patch_size, None, self.keep[first:self.ends[k]])
             self._cached = (k, dataset)
         return self._cached[1]
 
