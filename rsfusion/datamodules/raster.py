@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Literal, get_args
 
 import lightning as L
@@ -34,146 +35,67 @@ log = logging.getLogger(__name__)
 class RasterDataModule(L.LightningDataModule):
     """Co-registered rasters of several modalities with train/test (and optional val) label maps.
 
-    Args:
-        modalities: modality name -> raster path (GeoTIFF or anything GDAL reads, ``.npy`` (H, W[, C]),
-            ``.mat`` with ``file.mat:KEY``). The order is the order the model sees them, primary
-            first. Finer modalities must sit at an integer resolution ratio over the same extent
-            (PAN at 4x MS): their patches cover the same ground at r times the size.
-        train_labels, test_labels, val_labels: label maps on the coarsest modality's grid, 0 =
-            unlabelled, 1..K = classes. Without ``val_labels`` a stratified validation split of
-            ``val_fraction`` is taken from the training labels in spatial blocks of
-            ``split_block_size`` pixels; ``val_fraction: 0`` keeps every training pixel for training,
-            runs no validation loop, and the run keeps its last epoch. No label map at all: a scene to predict only
-            (``class_names``
-            then fixes K; ``lightning predict --ckpt_path`` takes them from the checkpoint).
-        labels: a single label map instead of train/test maps: split into spatially disjoint blocks
-            (``test_fraction`` for test), with a guard band of ``guard`` pixels (default: half a patch)
-            removed from training around test blocks; or, with ``train_per_class``, by per-class
-            sampling.
-        train_per_class: N training pixels per class drawn at random, or that fraction of each class
-            when < 1. With ``labels``: at most half of each class; every other labelled pixel is test,
-            except the test pixels within ``guard`` pixels of a training pixel (removed and reported:
-            no test pixel lies inside a training patch). With train/test maps: N per class (at most
-            all) are drawn from the training map, the others are not used, and the official test map
-            is kept whole.
-            Validation then comes from the drawn pixels (``val_fraction``) or ``val_labels``.
-        label_map: old class value -> new class value (0 = unlabelled), applied to every label map
-            right after reading, e.g. ``{1: 1, 2: 2, 3: 2}`` merges classes 2 and 3. Every class value
-            in the maps must be a key; ``class_names`` then names the new classes.
-        seed: the data seed: random splits (validation blocks use ``seed + 1``), the training order
-            (per epoch), the augmentation draws and the ``clip_percentile`` sample. ``None`` (default):
-            the run's ``seed_everything`` (the CLI fills it in; 0 outside the CLI), so runs with
-            different seeds draw different splits; set it to keep one split across seeds.
-        class_names: names of classes 1..K; fixes K (labels above K are an error). Default: K from the
-            maps and names "class k".
-        sampling: ``pixel`` = one sample per labelled pixel with a ``patch_size`` window centred on it
-            (label = the centre's class); ``tile`` = dense ``patch_size`` tiles at ``train_stride`` for
-            training and a covering grid (each pixel once, edges included) for evaluation.
-        allow_even_patch: accept an even ``patch_size`` with ``pixel`` sampling (the pixel then sits
-            at index (p-1)//2, e.g. 7 of 16, as in the MS/PAN literature). Default (None): refused,
-            except by the MS/PAN DataModules.
-        normalization: per-band ``zscore``, ``minmax``, ``minmax_global`` (one min/max for all bands of
-            a modality) or ``none``; ``normalization_overrides`` sets it per modality.
-        normalize_on: fit statistics on every valid pixel of the ``scene`` (what the papers do) or on
-            ``train`` pixels only (no transductive leakage).
-        clip_percentile: clip each band to [q, 100 - q] percentiles before normalising (robust).
-        pca: modality -> number of principal components to keep (e.g. ``{"hsi": 30}``).
+    Args (every option in full, with examples: docs/data.md, "RasterDataModule options"):
+        modalities: modality name -> raster path (GeoTIFF, ``.npy``, ``file.mat:KEY``), in the order the
+            model sees them; finer modalities at an integer ratio over the same extent (PAN at 4x MS).
+        train_labels, test_labels, val_labels: label rasters on the reference grid (0 = unlabelled,
+            1..K); none at all: a scene to predict only.
+        labels: one label raster to divide (spatial blocks, or ``train_per_class``).
+        train_per_class: N training pixels per class (a fraction when < 1).
+        label_map: old class value -> new class value, applied right after reading.
+        seed: the data seed (splits, training order, augmentation); None: the run's seed_everything.
+        class_names: names of classes 1..K (fixes K).
+        palette: RGB colour of each class in maps (default: the map writer's palette).
+        sampling: ``pixel`` (a patch per labelled pixel) or ``tile`` (dense tiles).
+        patch_size: the side of a pixel's patch or of a tile, in reference pixels.
+        train_stride: the step between training tiles (``tile`` sampling).
+        batch_size, eval_batch_size, num_workers: loaders (eval default: 4 x batch_size).
+        allow_even_patch: accept an even ``patch_size`` with ``pixel`` sampling.
+        normalization, normalization_overrides: ``zscore``, ``minmax``, ``minmax_global`` or ``none``; per
+            modality.
+        normalize_on: fit the statistics on the whole ``scene`` or on ``train`` pixels only.
+        clip_percentile: clip each band to [q, 100 - q] percentiles before normalising.
+        pca: modality -> principal components kept (e.g. ``{"hsi": 30}``).
         nodata: modality -> nodata value overriding the file's own.
-        label_nodata: a label value that means "unlabelled" besides 0 (e.g. -1 in MUUFL).
-        predict_window: full-scene prediction reads the scene in windows of this many reference
-            pixels (plus a patch-sized halo) instead of loading it whole: memory is bounded by the
-            window, not the scene. The map equals the in-memory one. Normalisation statistics come
-            from the checkpoint (saved by training), else from a streaming pass over the windows.
-        pad_mode: what patches and tiles see beyond the scene edge: the mirrored image (``reflect``)
-            or ``zero`` in normalised units (M3amba's authors zero-pad min-max data); nodata pixels
-            inside the scene are filled as before either way.
-        augment: training-batch augmentation (:class:`~rsfusion.datamodules.augment.Augment`), off by default:
-            ``{flip: true, rotate: true, noise_std: 0.05}`` (or ``noise_std: {hsi: 0.05}`` for some
-            modalities). Flips/rotations are the same for every modality and the tile labels; an even
-            ``pixel`` patch is turned about its pixel (cut one larger, transformed, cropped back).
-        balanced_sampling: draw training samples with probability inversely proportional to their
-            class's size (as many per epoch, with replacement); a tile counts as its rarest labelled
-            class (fewest training pixels in the map).
-        class_map: a full label map on the scene grid; train/test/val labels given as N x 2 arrays of
-            (row, col) coordinates (e.g. ``berlin_index.mat:berlin_train``) take their classes from it.
-        coordinate_base: index of the first row/column in such lists: 0 (NumPy, default) or 1 (MATLAB).
-        pretrain_tiles: ``{tile: T, per_epoch: N}`` trains on N random unlabelled T x T tiles of the whole
-            scene per epoch (flips, rot90; :mod:`rsfusion.datamodules.pretrain_tiles`) instead of labelled
-            samples: BDGF's DDPM (``BDGFPretrain``). Validation and test keep their labelled samples.
+        label_nodata: a label value meaning "unlabelled" besides 0 (MUUFL: -1).
+        val_fraction, test_fraction, split_block_size, guard: block splits and their guard band.
+        predict_window: predict window by window (memory bounded by the window, same map).
+        pad_mode: beyond the scene edge, ``reflect`` or ``zero``.
+        augment: training-batch augmentation (flips, rotations, noise).
+        balanced_sampling: draw training samples inversely to their class's size.
+        class_map, coordinate_base: a class raster that N x 2 coordinate lists index (base 0 or 1).
+        pretrain_tiles: ``{tile: T, per_epoch: N}``: random unlabelled tiles (BDGF's DDPM).
 
     When each step happens, and the map's georeferencing: docs/data.md.
     """
 
-    def __init__(
-        self,
-        modalities: dict[str, str],
-        train_labels: str | None = None,
-        test_labels: str | None = None,
-        val_labels: str | None = None,
-        labels: str | None = None,
-        class_names: list[str] | None = None,
-        palette: list[tuple[int, int, int]] | None = None,
-        sampling: Literal["pixel", "tile"] = "pixel",
-        patch_size: int = 11,
-        train_stride: int = 8,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        normalization: Normalization = "zscore",
-        normalization_overrides: dict[str, Normalization] | None = None,
-        normalize_on: Literal["scene", "train"] = "scene",
-        clip_percentile: float | None = None,
-        pca: dict[str, int] | None = None,
-        nodata: dict[str, float] | None = None,
-        label_nodata: int | None = None,
-        label_map: dict[int, int] | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.5,
-        train_per_class: int | float | None = None,
-        split_block_size: int = 16,
-        guard: int | None = None,
-        seed: int | None = None,
-        allow_even_patch: bool | None = None,
-        predict_window: int | None = None,
-        pad_mode: PadMode = "reflect",
-        augment: Augment | None = None,
-        balanced_sampling: bool = False,
-        class_map: str | None = None,
-        coordinate_base: int = 0,
-        pretrain_tiles: dict[str, int] | None = None,
-    ):
+    def __init__(self, modalities: dict[str, str], train_labels: str | None = None, test_labels: str | None = None,
+                 val_labels: str | None = None, labels: str | None = None, class_names: list[str] | None = None,
+                 palette: list[tuple[int, int, int]] | None = None, sampling: Literal["pixel", "tile"] = "pixel",
+                 patch_size: int = 11, train_stride: int = 8, batch_size: int = 64,
+                 eval_batch_size: int | None = None, num_workers: int = 0, normalization: Normalization = "zscore",
+                 normalization_overrides: dict[str, Normalization] | None = None,
+                 normalize_on: Literal["scene", "train"] = "scene", clip_percentile: float | None = None,
+                 pca: dict[str, int] | None = None, nodata: dict[str, float] | None = None,
+                 label_nodata: int | None = None, label_map: dict[int, int] | None = None,
+                 val_fraction: float = 0.1, test_fraction: float = 0.5, train_per_class: int | float | None = None,
+                 split_block_size: int = 16, guard: int | None = None, seed: int | None = None,
+                 allow_even_patch: bool | None = None, predict_window: int | None = None,
+                 pad_mode: PadMode = "reflect", augment: Augment | None = None, balanced_sampling: bool = False,
+                 class_map: str | None = None, coordinate_base: int = 0,
+                 pretrain_tiles: dict[str, int] | None = None):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
         self.save_hyperparameters(ignore=["class_names", "palette"])
-        if not modalities:
-            raise InputError("modalities: give at least one modality name -> raster path")
-        for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InputError(f"{option} must be a positive number of samples, got {value!r}")
-        if patch_size < 1:
-            raise InputError(f"patch_size must be positive, got {patch_size}")
-        if sampling == "pixel" and patch_size % 2 == 0 and not allow_even_patch:
-            raise InputError(f"patch_size {patch_size} is even: no pixel sits at the centre of the patch; use "
-                             f"{patch_size + 1}, or set allow_even_patch: true "
-                             f"(pixel at index {(patch_size - 1) // 2})")
-        if predict_window is not None and predict_window < 1:
-            raise InputError(f"predict_window must be a positive number of pixels, got {predict_window}")
-        if pad_mode not in get_args(PadMode):
-            raise InputError(f"pad_mode must be reflect or zero, got {pad_mode!r}")
-        unlabelled = all(p is None for p in (labels, train_labels, test_labels, val_labels))
-        if not unlabelled and ((labels is None) == (train_labels is None and test_labels is None) or
-                               (labels is None and (train_labels is None or test_labels is None))):
-            given = ", ".join(f"{k}: {v}" for k, v in (("labels", labels), ("train_labels", train_labels),
-                                                       ("test_labels", test_labels), ("val_labels", val_labels))
-                              if v is not None)
-            raise InputError(f"label maps: give train_labels and test_labels, or a single labels map to split "
-                             f"(given {given})")
+        _check_options(SimpleNamespace(**locals()))  # the arguments as given
         self.modalities = dict(modalities)
         self.sampling, self.patch_size, self.train_stride = sampling, patch_size, train_stride
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
         self.num_workers = num_workers
 
-        self._probe_layout([p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None])
+        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None]
+        self._bands, self.ratios, self.reference = probe_grid(self.modalities, label_paths, patch_size)
+        self.shape = self.reference.shape
 
         seed = 0 if seed is None else seed  # the CLI fills None with seed_everything
         self.hparams.seed = seed
@@ -189,21 +111,6 @@ class RasterDataModule(L.LightningDataModule):
         self.normalizers: dict[str, Normalizer] | None = None  # from a checkpoint, else fitted on load
         augmenter = BatchAugmenter(augment, list(self.modalities))
         self.augmenter = augmenter if augmenter.active else None
-
-    def _probe_layout(self, label_paths: list[str]) -> None:
-        """Band counts, grid ratios, the reference grid and its georeferencing, from headers only."""
-        headers = {name: read_header(p) for name, p in self.modalities.items()}
-        self._bands = {name: h.bands for name, h in headers.items()}
-        self.ratios = grid_ratios(headers)
-        self.reference, source = borrow_georeferencing(reference_header(headers), headers, self.ratios,
-                                                       [read_header(p) for p in label_paths if is_gdal_raster(p)])
-        if source is not None:
-            rank_zero_info(f"{self.reference.path} has no georeferencing: maps take the transform "
-                           f"{'and CRS ' if self.reference.crs else '(no CRS) '}of {source}")
-        self.shape = self.reference.shape
-        if max(self.shape) < self.patch_size:
-            raise InputError(f"patch_size {self.patch_size} is larger than the scene {self.shape} of "
-                             f"{self.reference.path}")
 
     @property
     def label_maps(self) -> dict[str, np.ndarray] | None:
@@ -374,3 +281,44 @@ class RasterDataModule(L.LightningDataModule):
 
 def _array(cube: np.ndarray | str) -> np.ndarray:
     return cube if isinstance(cube, np.ndarray) else np.load(cube, mmap_mode="r")
+
+
+def _check_options(hp) -> None:
+    """One-line errors for options that cannot work together, before any file is read."""
+    if not hp.modalities:
+        raise InputError("modalities: give at least one modality name -> raster path")
+    for option, value in (("batch_size", hp.batch_size), ("eval_batch_size", hp.eval_batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{option} must be a positive number of samples, got {value!r}")
+    if hp.patch_size < 1:
+        raise InputError(f"patch_size must be positive, got {hp.patch_size}")
+    if hp.sampling == "pixel" and hp.patch_size % 2 == 0 and not hp.allow_even_patch:
+        raise InputError(f"patch_size {hp.patch_size} is even: no pixel sits at the centre of the patch; use "
+                         f"{hp.patch_size + 1}, or set allow_even_patch: true "
+                         f"(pixel at index {(hp.patch_size - 1) // 2})")
+    if hp.predict_window is not None and hp.predict_window < 1:
+        raise InputError(f"predict_window must be a positive number of pixels, got {hp.predict_window}")
+    if hp.pad_mode not in get_args(PadMode):
+        raise InputError(f"pad_mode must be reflect or zero, got {hp.pad_mode!r}")
+    unlabelled = all(p is None for p in (hp.labels, hp.train_labels, hp.test_labels, hp.val_labels))
+    if not unlabelled and ((hp.labels is None) == (hp.train_labels is None and hp.test_labels is None) or
+                           (hp.labels is None and (hp.train_labels is None or hp.test_labels is None))):
+        given = ", ".join(f"{k}: {v}" for k, v in (("labels", hp.labels), ("train_labels", hp.train_labels),
+                                                   ("test_labels", hp.test_labels), ("val_labels", hp.val_labels))
+                          if v is not None)
+        raise InputError(f"label maps: give train_labels and test_labels, or a single labels map to split "
+                         f"(given {given})")
+
+
+def probe_grid(modalities: dict[str, str], label_paths: list[str], patch_size: int):
+    """(band counts, grid ratios, the reference grid's header with its georeferencing), from headers only."""
+    headers = {name: read_header(p) for name, p in modalities.items()}
+    ratios = grid_ratios(headers)
+    reference, source = borrow_georeferencing(reference_header(headers), headers, ratios,
+                                              [read_header(p) for p in label_paths if is_gdal_raster(p)])
+    if source is not None:
+        rank_zero_info(f"{reference.path} has no georeferencing: maps take the transform "
+                       f"{'and CRS ' if reference.crs else '(no CRS) '}of {source}")
+    if max(reference.shape) < patch_size:
+        raise InputError(f"patch_size {patch_size} is larger than the scene {reference.shape} of {reference.path}")
+    return {name: h.bands for name, h in headers.items()}, ratios, reference
