@@ -21,14 +21,14 @@ from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.writing import atomic_path
 
 Candidates = dict[str, list[str]]
-SPLIT_ROLES = ("train", "test", "labels", "class_map")
+SPLIT_ROLES = ("train", "test", "labels", "class_raster")
 
 
 class BenchmarkDataModule(RasterDataModule):
     """A :class:`RasterDataModule` whose files are found under ``root`` by their usual names.
 
     Label roles: ``train`` + ``test`` (an official split; maps, or N x 2 coordinate lists into the
-    ``class_map``), else ``labels`` (a full ground truth without split: divided by the
+    ``class_raster``), else ``labels`` (a full ground truth without split: divided by the
     RasterDataModule's single-map protocol, spatial blocks by default).
 
     Args:
@@ -56,8 +56,8 @@ class BenchmarkDataModule(RasterDataModule):
             if kwargs.get(option) is None:
                 kwargs[option] = value
         kwargs["class_names"] = kwargs.get("class_names") or self.classes or None
-        if kwargs.get("class_map") is None:
-            kwargs["class_map"] = found.get("class_map")
+        if kwargs.get("class_raster") is None and kwargs.get("class_map") is None:
+            kwargs["class_raster"] = found.get("class_raster")
         super().__init__(modalities={m: found[m] for m in wanted}, train_labels=found.get("train"),
                          test_labels=found.get("test"), labels=found.get("labels"), **kwargs)
         self.inputs = {**{m: found[m] for m in wanted},
@@ -109,7 +109,7 @@ class BenchmarkDataModule(RasterDataModule):
 
     def log_split_card(self) -> dict:
         """Log (rank 0) the split card, and write it as ``split_card.json`` in the trainer's log dir."""
-        self.card = split_card(self.name, self.inputs, self.label_maps, self.class_names)
+        self.card = split_card(self.name, self.inputs, self.label_rasters, self.class_names)
         rank_zero_info(format_card(self.card))
         trainer = getattr(self, "trainer", None)
         log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every rank asks
@@ -191,7 +191,7 @@ class BerlinDataModule(BenchmarkDataModule):
              "sar": ["data_SAR_HR.mat:data_SAR_HR", "berlin_sar.mat:berlin_sar", "sar.tif"],
              "train": ["TrainImage.mat:TrainImage", "berlin_index.mat:berlin_train", "train.tif"],
              "test": ["TestImage.mat:TestImage", "berlin_index.mat:berlin_test", "test.tif"],
-             "class_map": ["berlin_gt.mat:berlin_gt"]}
+             "class_raster": ["berlin_gt.mat:berlin_gt"]}
     classes = ["Forest", "Residential area", "Industrial area", "Low plants", "Soil", "Allotment",
                "Commercial area", "Water"]
 

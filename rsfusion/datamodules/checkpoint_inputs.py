@@ -143,9 +143,9 @@ def datamodule_state(dm) -> dict:
     new scene must look like (``lightning predict --ckpt_path``); and the split's fingerprint, so a
     checkpoint is never tested on another split of the same labels."""
     state = {}
-    if dm.label_maps is not None:
+    if dm.label_rasters is not None:
         state["split"] = {"seed": int(dm.hparams.seed), "labels": dm.label_set.digest,
-                          "split": labels_digest(dm.label_maps)}
+                          "split": labels_digest(dm.label_rasters)}
     if dm.normalizers is not None:
         # tensors, not numpy arrays: checkpoints are loaded with torch.load(weights_only=True)
         state["normalizers"] = {name: {k: torch.from_numpy(np.array(v)) for k, v in n.state().items()}
@@ -158,8 +158,8 @@ def restore_datamodule_state(dm, state_dict: dict) -> None:
     """Check a checkpoint's split fingerprint against ``dm``'s split, and give ``dm`` its normalisation."""
     split = state_dict.get("split")
     predicting = dm.trainer is not None and dm.trainer.predicting  # a map does not use the split
-    if split and not predicting and dm.label_maps is not None and split["labels"] == dm.label_set.digest \
-            and split["split"] != labels_digest(dm.label_maps):
+    if split and not predicting and dm.label_rasters is not None and split["labels"] == dm.label_set.digest \
+            and split["split"] != labels_digest(dm.label_rasters):
         raise InputError(f"{dm.hparams.labels or dm.hparams.train_labels}: the checkpoint was trained on "
                          f"another split of these labels (split seed {split['seed']}, here {dm.hparams.seed}): "
                          f"its test pixels would not be the ones held out; pass --data.init_args.seed "

@@ -87,10 +87,10 @@ def identify(sha256: str) -> KnownFile | None:
     return KNOWN_FILES.get(sha256)
 
 
-def split_card(dataset: str, inputs: dict[str, str], label_maps: dict[str, np.ndarray],
+def split_card(dataset: str, inputs: dict[str, str], label_rasters: dict[str, np.ndarray],
                class_names: list[str]) -> dict:
     """What a run trains and tests on: each input file's SHA-256 and known-copy status, and per-class
-    pixel counts of every split (``label_maps``: split -> map, 0 = unlabelled, 1..K)."""
+    pixel counts of every split (``label_rasters``: split -> raster, 0 = unlabelled, 1..K)."""
     files = []
     for role, path in inputs.items():
         digest = sha256_file(path)
@@ -98,8 +98,8 @@ def split_card(dataset: str, inputs: dict[str, str], label_maps: dict[str, np.nd
         files.append({"role": role, "path": str(path), "sha256": digest,
                       "copy": known.describe() if known else "unknown copy"})
     k = len(class_names)
-    order = [s for s in ("train", "val", "test", "all") if s in label_maps]
-    counts = {split: np.bincount(label_maps[split][label_maps[split] > 0].ravel(), minlength=k + 1)[1:k + 1].tolist()
+    order = [s for s in ("train", "val", "test", "all") if s in label_rasters]
+    counts = {split: np.bincount(label_rasters[split][label_rasters[split] > 0].ravel(), minlength=k + 1)[1:k + 1].tolist()
               for split in order}
     classes = [{"class": i + 1, "name": name, **{split: counts[split][i] for split in counts}}
                for i, name in enumerate(class_names)]

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rsfusion.datamodules.errors import InputError, RasterError
 from rsfusion.datamodules.io import RasterHeader
-from rsfusion.datamodules.label_sources import ClassMap, read_split_labels
+from rsfusion.datamodules.label_sources import ClassRaster, read_split_labels
 from rsfusion.datamodules.splits import block_split, check_per_class, per_class_split, remap_labels, sample_per_class
 
 __all__ = ["LabelSet", "SplitProtocol", "labels_digest", "read_label_set"]
@@ -61,17 +61,17 @@ def labels_digest(rasters: dict[str, np.ndarray]) -> str:
 
 
 def read_label_set(reference: RasterHeader, paths: dict[str, str | None], class_names: list[str] | None,
-                   label_map: dict[int, int] | None, label_nodata: int | None, class_map: str | None,
+                   renumber_classes: dict[int, int] | None, label_nodata: int | None, class_raster: str | None,
                    coordinate_base: int, protocol: SplitProtocol, modalities: dict[str, str]) -> LabelSet:
     """Read ``paths`` (``train``, ``test``, ``val`` rasters or ``all`` to divide; None = not given), renumber
-    them by ``label_map``, divide them by ``protocol`` and check the result; a scene without labels
+    them by ``renumber_classes``, divide them by ``protocol`` and check the result; a scene without labels
     needs ``class_names``. ``modalities`` name the scene's files in messages."""
     fixed_k = len(class_names) if class_names else None
-    rasters = _read(reference, paths, fixed_k, label_map, label_nodata, class_map, coordinate_base)
+    rasters = _read(reference, paths, fixed_k, renumber_classes, label_nodata, class_raster, coordinate_base)
     if not rasters and fixed_k is None:
         raise InputError(f"{', '.join(modalities.values())}: no label maps and no class_names; give "
                          "class_names to predict (or --ckpt_path, which supplies them), label maps to train")
-    num_classes = fixed_k or int(max(label_map.values()) if label_map else max(m.max() for m in rasters.values()))
+    num_classes = fixed_k or int(max(renumber_classes.values()) if renumber_classes else max(m.max() for m in rasters.values()))
     given = paths.get("all") or paths.get("train")
     if num_classes < 1:
         raise RasterError(f"{given}: no labelled pixel (0 = unlabelled, 1..K = classes)")
@@ -85,21 +85,21 @@ def read_label_set(reference: RasterHeader, paths: dict[str, str | None], class_
     return labels
 
 
-def _read(reference, paths, fixed_k, label_map, label_nodata, class_map, coordinate_base) -> dict[str, np.ndarray]:
-    """Every given label raster (or coordinate list into ``class_map``); ``label_map`` renumbers the classes
+def _read(reference, paths, fixed_k, renumber_classes, label_nodata, class_raster, coordinate_base) -> dict[str, np.ndarray]:
+    """Every given label raster (or coordinate list into ``class_raster``); ``renumber_classes`` renumbers the classes
     before anything else."""
-    if label_map and fixed_k is not None and max(label_map.values()) != fixed_k:
-        raise InputError(f"label_map maps to classes 1..{max(label_map.values())} but class_names names "
+    if renumber_classes and fixed_k is not None and max(renumber_classes.values()) != fixed_k:
+        raise InputError(f"renumber_classes maps to classes 1..{max(renumber_classes.values())} but class_names names "
                          f"{fixed_k}: give one name per new class")
-    check_k = None if label_map else fixed_k
-    coordinates_into = class_map and ClassMap.read(reference, class_map, check_k, label_nodata, coordinate_base)
+    check_k = None if renumber_classes else fixed_k
+    coordinates_into = class_raster and ClassRaster.read(reference, class_raster, check_k, label_nodata, coordinate_base)
     rasters = {}
     for split, path in paths.items():
         if path is None:
             continue
         values = read_split_labels(reference, path, check_k, label_nodata, coordinates_into)
-        if label_map:
-            values = remap_labels(values, label_map, path)
+        if renumber_classes:
+            values = remap_labels(values, renumber_classes, path)
         rasters[split] = values.astype(np.int16 if values.max() < 2 ** 15 else np.int32)
     return rasters
 

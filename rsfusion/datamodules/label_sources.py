@@ -1,5 +1,5 @@
 """Label maps from the forms the releases ship them in: rasters/arrays on the scene grid, or N x 2
-lists of (row, col) coordinates into a full class map (e.g. Berlin's preprocessed copy:
+lists of (row, col) coordinates into a full class raster (e.g. Berlin's preprocessed copy:
 ``berlin_index.mat:berlin_train`` into ``berlin_gt.mat:berlin_gt``)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rsfusion.datamodules.scene import check_label_grid
 
 
 @dataclass
-class ClassMap:
+class ClassRaster:
     """A full label map (0 = unlabelled) that coordinate lists take their classes from.
 
     ``base`` is the index of the first row/column in the lists: 0 (NumPy; the OUC copies, read by
@@ -26,7 +26,7 @@ class ClassMap:
 
     @classmethod
     def read(cls, ref: RasterHeader, path: str, num_classes: int | None, unlabelled: int | None,
-             base: int = 0) -> "ClassMap":
+             base: int = 0) -> "ClassRaster":
         if base not in (0, 1):
             raise RasterError(f"coordinate_base must be 0 or 1, got {base}")
         check_label_grid(ref, path)
@@ -34,7 +34,7 @@ class ClassMap:
         return cls(path, labels, base)
 
     def rasterise(self, path: str, coords: np.ndarray) -> np.ndarray:
-        """The label map holding the class-map label at each (row, col) of ``coords`` (N, 2)."""
+        """The label map holding the class raster's label at each (row, col) of ``coords`` (N, 2)."""
         if coords.dtype.kind == "f" and not np.array_equal(coords, np.round(coords)):
             raise RasterError(f"{path}: coordinates must be whole numbers, found fractional values")
         rc = coords.astype(np.int64) - self.base
@@ -62,14 +62,14 @@ def is_coordinate_list(header: RasterHeader, ref: RasterHeader) -> bool:
 
 
 def read_split_labels(ref: RasterHeader, path: str, num_classes: int | None, unlabelled: int | None,
-                      class_map: ClassMap | None = None) -> np.ndarray:
+                      class_raster: ClassRaster | None = None) -> np.ndarray:
     """A split's label map (0 = unlabelled, 1..K) from a map on ``ref``'s grid or a coordinate list."""
     header = read_header(path)
     if is_coordinate_list(header, ref):
-        if class_map is None:
+        if class_raster is None:
             raise RasterError(f"{path}: a {header.shape[0]} x 2 array, not a {ref.shape[0]} x {ref.shape[1]} "
                               "label map: "
-                              "if it lists (row, col) coordinates, give class_map (the full label map they index)")
-        return class_map.rasterise(path, read_raster(path).data[0])
+                              "if it lists (row, col) coordinates, give class_raster (the full label raster they index)")
+        return class_raster.rasterise(path, read_raster(path).data[0])
     check_label_grid(ref, path)
     return read_labels(path, num_classes, unlabelled)[0]

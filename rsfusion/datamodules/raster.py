@@ -42,7 +42,7 @@ class RasterDataModule(L.LightningDataModule):
             1..K); none at all: a scene to predict only.
         labels: one label raster to divide (spatial blocks, or ``train_per_class``).
         train_per_class: N training pixels per class (a fraction when < 1).
-        label_map: old class value -> new class value, applied right after reading.
+        renumber_classes: old class value -> new class value, applied right after reading.
         seed: the data seed (splits, training order, augmentation); None: the run's seed_everything.
         class_names: names of classes 1..K (fixes K).
         palette: RGB colour of each class in maps (default: the map writer's palette).
@@ -63,10 +63,10 @@ class RasterDataModule(L.LightningDataModule):
         pad_mode: beyond the scene edge, ``reflect`` or ``zero``.
         augment: training-batch augmentation (flips, rotations, noise).
         balanced_sampling: draw training samples inversely to their class's size.
-        class_map, coordinate_base: a class raster that N x 2 coordinate lists index (base 0 or 1).
+        class_raster, coordinate_base: a class raster that N x 2 coordinate lists index (base 0 or 1).
         pretrain_tiles: ``{tile: T, per_epoch: N}``: random unlabelled tiles (BDGF's DDPM).
 
-    When each step happens, and the map's georeferencing: docs/data.md.
+    Still read: ``label_map``, ``class_map`` (old spellings). Steps and georeferencing: docs/data.md.
     """
 
     def __init__(self, modalities: dict[str, str], train_labels: str | None = None, test_labels: str | None = None,
@@ -77,13 +77,14 @@ class RasterDataModule(L.LightningDataModule):
                  normalization_overrides: dict[str, Normalization] | None = None,
                  normalize_on: Literal["scene", "train"] = "scene", clip_percentile: float | None = None,
                  pca: dict[str, int] | None = None, nodata: dict[str, float] | None = None,
-                 label_nodata: int | None = None, label_map: dict[int, int] | None = None,
+                 label_nodata: int | None = None, renumber_classes: dict[int, int] | None = None,
                  val_fraction: float = 0.1, test_fraction: float = 0.5, train_per_class: int | float | None = None,
                  split_block_size: int = 16, guard: int | None = None, seed: int | None = None,
                  allow_even_patch: bool | None = None, predict_window: int | None = None,
                  pad_mode: PadMode = "reflect", augment: Augment | None = None, balanced_sampling: bool = False,
-                 class_map: str | None = None, coordinate_base: int = 0,
-                 pretrain_tiles: dict[str, int] | None = None):
+                 class_raster: str | None = None, coordinate_base: int = 0,
+                 pretrain_tiles: dict[str, int] | None = None,
+                 label_map: dict[int, int] | None = None, class_map: str | None = None):
         super().__init__()
         # class names reach the model through the CLI's link; saving them here too would clash
         self.save_hyperparameters(ignore=["class_names", "palette"])
@@ -92,8 +93,10 @@ class RasterDataModule(L.LightningDataModule):
         self.sampling, self.patch_size, self.train_stride = sampling, patch_size, train_stride
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 4 * batch_size
         self.num_workers = num_workers
+        renumber_classes = _one_spelling("renumber_classes", renumber_classes, "label_map", label_map)
+        class_raster = _one_spelling("class_raster", class_raster, "class_map", class_map)
 
-        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_map) if p is not None]
+        label_paths = [p for p in (train_labels, test_labels, val_labels, labels, class_raster) if p is not None]
         self._bands, self.ratios, self.reference = probe_grid(self.modalities, label_paths, patch_size)
         self.shape = self.reference.shape
 
@@ -101,7 +104,7 @@ class RasterDataModule(L.LightningDataModule):
         self.hparams.seed = seed
         self.label_set = read_label_set(
             self.reference, {"train": train_labels, "test": test_labels, "val": val_labels, "all": labels},
-            class_names, label_map, label_nodata, class_map, coordinate_base,
+            class_names, renumber_classes, label_nodata, class_raster, coordinate_base,
             SplitProtocol(train_per_class, val_fraction, test_fraction, split_block_size,
                           patch_size // 2 if guard is None else guard, seed), self.modalities)
         self.num_classes, self.class_names = self.label_set.num_classes, self.label_set.class_names
@@ -113,9 +116,10 @@ class RasterDataModule(L.LightningDataModule):
         self.augmenter = augmenter if augmenter.active else None
 
     @property
-    def label_maps(self) -> dict[str, np.ndarray] | None:
+    def label_rasters(self) -> dict[str, np.ndarray] | None:
         """The train/val/test label rasters (``label_set.rasters``; None for a scene that is only predicted)."""
         return self.label_set.rasters
+    label_maps = label_rasters  # the name before issue 19
 
     @property
     def guard_removed(self) -> np.ndarray | None:
@@ -124,7 +128,7 @@ class RasterDataModule(L.LightningDataModule):
     @property
     def has_validation(self) -> bool:
         """False with ``val_fraction: 0`` and no ``val_labels``: no validation loop, the last epoch is kept."""
-        return self.label_maps is not None and "val" in self.label_maps
+        return self.label_rasters is not None and "val" in self.label_rasters
 
     @property
     def in_channels(self) -> dict[str, int]:
@@ -174,10 +178,10 @@ class RasterDataModule(L.LightningDataModule):
     def _fit_mask(self) -> np.ndarray | None:
         if self.hparams.normalize_on != "train":
             return None
-        if self.label_maps is None:
+        if self.label_rasters is None:
             raise InputError(f"{self.reference.path}: normalize_on: train needs training labels or the statistics "
                              "of a checkpoint (--ckpt_path)")
-        return self.label_maps["train"] > 0
+        return self.label_rasters["train"] > 0
 
     def state_dict(self) -> dict:
         """The fitted normalisation, the input options and the split's fingerprint (:func:`datamodule_state`)."""
@@ -187,7 +191,7 @@ class RasterDataModule(L.LightningDataModule):
         restore_datamodule_state(self, state_dict)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.label_maps is None and stage != "predict":
+        if self.label_rasters is None and stage != "predict":
             raise InputError(f"{getattr(stage, 'value', stage) or 'setup'} needs label maps: give train_labels "
                              "and test_labels (or labels); "
                              f"{', '.join(self.modalities.values())} without labels can only be predicted")
@@ -197,8 +201,8 @@ class RasterDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             self.train_dataset = self._unlabelled_tiles() if self.hparams.pretrain_tiles else self._dataset("train")
             self.val_dataset = self._dataset("val") if self.has_validation else None
-            self.leakage = pixels_inside_patches(self.label_maps["train"], self.label_maps["test"], self.patch_size)
-            total = int((self.label_maps["test"] > 0).sum())
+            self.leakage = pixels_inside_patches(self.label_rasters["train"], self.label_rasters["test"], self.patch_size)
+            total = int((self.label_rasters["test"] > 0).sum())
             rank_zero_info(f"Leakage check: {self.leakage} of {total} test pixels ({100 * self.leakage / total:.1f}%) "
                            f"lie inside a training patch of size {self.patch_size}")
         if stage == "validate" and not self.has_validation:
@@ -221,7 +225,7 @@ class RasterDataModule(L.LightningDataModule):
     def _dataset(self, split: str):
         # an even pixel patch is off-centre: cut it one larger so that flips and rotations pivot on it
         turned = split == "train" and self.augmenter is not None and self.augmenter.geometric
-        return labelled_dataset(self.scene, self.label_maps[split], split, self.sampling, self.patch_size,
+        return labelled_dataset(self.scene, self.label_rasters[split], split, self.sampling, self.patch_size,
                                 self.train_stride, extra=int(turned and self.patch_size % 2 == 0))
 
     def _predict_dataset(self):
@@ -277,6 +281,13 @@ class RasterDataModule(L.LightningDataModule):
             self.predict_dataset = self._predict_dataset()
         return DataLoader(self.predict_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
                           collate_fn=collate)
+
+
+def _one_spelling(name: str, value, old_name: str, old_value):
+    """An option given by its name or by its old spelling (still read), not both."""
+    if value is not None and old_value is not None:
+        raise InputError(f"{name} and {old_name} are the same option ({old_name} is its old spelling): give one")
+    return old_value if value is None else value
 
 
 def _array(cube: np.ndarray | str) -> np.ndarray:

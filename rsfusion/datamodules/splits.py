@@ -150,18 +150,18 @@ def per_class_split(labels: np.ndarray, per_class: int | float, seed: int,
     return train, test, removed
 
 
-def remap_labels(labels: np.ndarray, label_map: dict[int, int], path: str) -> np.ndarray:
-    """Apply ``label_map`` (old class value -> new value, 0 = unlabelled) to a label map whose 0 means
+def remap_labels(labels: np.ndarray, renumber_classes: dict[int, int], path: str) -> np.ndarray:
+    """Apply ``renumber_classes`` (old class value -> new value, 0 = unlabelled) to a label map whose 0 means
     unlabelled. Every class value present must be a key of the map."""
-    mapping = {int(k): int(v) for k, v in label_map.items()}
+    mapping = {int(k): int(v) for k, v in renumber_classes.items()}
     if 0 in mapping:
-        raise InputError("label_map: key 0 is the unlabelled value and cannot be mapped; map classes 1..K")
+        raise InputError("renumber_classes: key 0 is the unlabelled value and cannot be mapped; map classes 1..K")
     if min(mapping.values()) < 0:
-        raise InputError(f"label_map: new values must be 0 (drop) or classes 1..K, got {sorted(set(mapping.values()))}")
+        raise InputError(f"renumber_classes: new values must be 0 (drop) or classes 1..K, got {sorted(set(mapping.values()))}")
     present = np.unique(labels[labels > 0])
     missing = [int(v) for v in present if int(v) not in mapping]
     if missing:
-        raise RasterError(f"{path}: label values {missing} are not in label_map (keys {sorted(mapping)}); "
+        raise RasterError(f"{path}: label values {missing} are not in renumber_classes (keys {sorted(mapping)}); "
                          "map every class (0 = drop it)")
     lookup = np.zeros(int(max(present.max(initial=0), max(mapping))) + 1, dtype=np.int64)
     for old, new in mapping.items():

@@ -47,7 +47,7 @@ def test_muufl_minus_one_means_unlabelled(tmp_path):
                                                       "testlabels": np.where(test > 0, test, -1)})
     dm = MUUFLDataModule(root=str(tmp_path), patch_size=3)
     assert dm.in_channels == {"hsi": 64, "lidar": 2}
-    np.testing.assert_array_equal(dm.label_maps["test"], test)
+    np.testing.assert_array_equal(dm.label_rasters["test"], test)
 
 
 def test_ms_pan_layout_from_the_synthetic_generator(tmp_path):
@@ -93,7 +93,7 @@ def test_every_copy_loads_with_its_shapes_classes_and_labels(copies, name):
     assert dm.in_channels == bands
     assert dm.shape == gt.shape
     assert dm.num_classes == releases.CLASSES[next(d for d in releases.SHAPES if name.startswith(d))]
-    maps = dm.label_maps
+    maps = dm.label_rasters
     if name == "muufl_gt_only":  # no split in the copy: the single-map protocol divides the ground truth
         used = (maps["train"] > 0) | (maps["val"] > 0) | (maps["test"] > 0)
         np.testing.assert_array_equal(maps["all"], gt)
@@ -140,14 +140,14 @@ def test_muufl_gt_only_copy_trains_through_the_cli(copies, tmp_path):
 def test_muufl_label_nodata_default_applies_when_the_cli_passes_none(copies):
     dm = MUUFLDataModule(root=str(copies["muufl"]), patch_size=3, label_nodata=None)
     assert dm.hparams.label_nodata == -1
-    np.testing.assert_array_equal(dm.label_maps["test"], releases.expected_maps("muufl")[2])
+    np.testing.assert_array_equal(dm.label_rasters["test"], releases.expected_maps("muufl")[2])
 
 
 def test_split_card_counts_and_checksums(copies):
     dm = datamodules.TrentoDataModule(root=str(copies["trento"]), patch_size=5)
     card = dm.log_split_card()
     for split in ("train", "val", "test"):
-        independent = [int((dm.label_maps[split] == k).sum()) for k in range(1, 7)]
+        independent = [int((dm.label_rasters[split] == k).sum()) for k in range(1, 7)]
         assert [c[split] for c in card["classes"]] == independent
     gt, train, test = releases.expected_maps("trento")
     assert card["total"]["train"] + card["total"]["val"] == int((train > 0).sum())
@@ -196,20 +196,23 @@ def test_coordinate_lists_base_and_errors(copies, tmp_path):
     root = copies["berlin_ouc"]
     gt, train, test = releases.expected_maps("berlin_ouc")
     common = dict(modalities={"hsi": f"{root}/berlin_hsi.mat:berlin_hsi", "sar": f"{root}/berlin_sar.mat:berlin_sar"},
-                  class_map=f"{root}/berlin_gt.mat:berlin_gt", patch_size=5)
+                  class_raster=f"{root}/berlin_gt.mat:berlin_gt", patch_size=5)
     one_based = tmp_path / "index1.mat"
     releases.save_mat(one_based, {"tr": np.argwhere(train > 0) + 1, "te": np.argwhere(test > 0) + 1})
     dm = RasterDataModule(train_labels=f"{one_based}:tr", test_labels=f"{one_based}:te", coordinate_base=1, **common)
-    np.testing.assert_array_equal(dm.label_maps["test"], test)
+    np.testing.assert_array_equal(dm.label_rasters["test"], test)
+    old_spelling = {("class_map" if k == "class_raster" else k): v for k, v in common.items()}  # still read
+    np.testing.assert_array_equal(RasterDataModule(train_labels=f"{one_based}:tr", test_labels=f"{one_based}:te",
+                                                   coordinate_base=1, **old_spelling).label_rasters["test"], test)
     # read as 0-based, the last row/column of a 1-based list falls outside the scene: one line, naming the file
     edge = np.array([[gt.shape[0], 1], [1, 1]])
     releases.save_mat(tmp_path / "edge.mat", {"tr": edge})
     with pytest.raises(RasterError, match=r"edge\.mat:tr: 1 coordinates fall outside the 40 x 30 scene \(first: "
                                           r"row 40, col 1, read as 0-based; see coordinate_base\)"):
         RasterDataModule(train_labels=f"{tmp_path / 'edge.mat'}:tr", test_labels=f"{one_based}:te", **common)
-    with pytest.raises(RasterError, match=r"a \d+ x 2 array, not a 40 x 30 label map: .* give class_map"):
+    with pytest.raises(RasterError, match=r"a \d+ x 2 array, not a 40 x 30 label map: .* give class_raster \(the full label raster they index\)$"):
         RasterDataModule(train_labels=f"{one_based}:tr", test_labels=f"{one_based}:te",
-                         **{**common, "class_map": None})
+                         **{**common, "class_raster": None})
 
 
 def test_map_georeferencing_comes_from_the_georeferenced_input(copies, tmp_path):

@@ -28,7 +28,7 @@ def test_construction_reads_headers_and_labels_only_and_setup_reads_the_scene(tm
     # everything the CLI links into the model, and the splits with their checks, without a pixel
     assert dm.in_channels == {"hsi": 3, "pan": 1} and dm.num_classes == 3 and dm.class_names == ["a", "b", "c"]
     assert dm.dense is False and dm.patch_size == 5 and dm.has_validation
-    train = dm.label_maps["train"] + dm.label_maps["val"]
+    train = dm.label_rasters["train"] + dm.label_rasters["val"]
     assert np.bincount(train.ravel(), minlength=4)[1:].tolist() == [10, 10, 10]
     assert dm.scene is None and dm.normalizers is None
     with pytest.raises(PixelsRead):
@@ -36,7 +36,7 @@ def test_construction_reads_headers_and_labels_only_and_setup_reads_the_scene(tm
     monkeypatch.undo()
     dm.setup("fit")
     assert dm.scene.data["hsi"].shape == (3, 40, 46) and dm.scene.data["pan"].shape == (1, 80, 92)
-    assert len(dm.train_dataset) == int((dm.label_maps["train"] > 0).sum())
+    assert len(dm.train_dataset) == int((dm.label_rasters["train"] > 0).sum())
     assert dm.leakage >= 0
 
 

@@ -1,4 +1,4 @@
-"""The papers' protocols: per-class sampling with a guard band, label_map, val_fraction 0 (last epoch)."""
+"""The papers' protocols: per-class sampling with a guard band, renumber_classes, val_fraction 0 (last epoch)."""
 from __future__ import annotations
 
 import logging
@@ -107,9 +107,9 @@ def test_deterministic_per_seed_and_different_across_seeds():
     assert all((others[i] != others[j]).any() for i in range(3) for j in range(i + 1, 3))
 
 
-# ---------------------------------------------------------------- label_map
+# ---------------------------------------------------------------- renumber_classes
 
-def test_label_map_merges_renumbers_and_drops():
+def test_renumber_classes_merges_renumbers_and_drops():
     labels = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=np.uint8)
     xian_urban = {1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 4, 7: 3}  # BMoAMamba's merge of Xi'an Urban's 7 classes
     np.testing.assert_array_equal(remap_labels(labels, xian_urban, "x"), [[0, 1, 2, 2], [2, 3, 4, 3]])
@@ -117,9 +117,9 @@ def test_label_map_merges_renumbers_and_drops():
                                   [[0, 2, 1, 0], [0, 3, 3, 0]])
 
 
-def test_label_map_errors():
+def test_renumber_classes_errors():
     labels = np.array([[0, 1, 2, 9]], dtype=np.uint8)
-    with pytest.raises(RasterError, match=r"^train\.tif: label values \[2, 9\] are not in label_map \(keys \[1, 3\]\); "
+    with pytest.raises(RasterError, match=r"^train\.tif: label values \[2, 9\] are not in renumber_classes \(keys \[1, 3\]\); "
                                           r"map every class \(0 = drop it\)$"):
         remap_labels(labels, {1: 1, 3: 2}, "train.tif")
     with pytest.raises(InputError, match="key 0 is the unlabelled value"):
@@ -137,20 +137,37 @@ def scene(tmp_path):
     return paths, labels
 
 
-def test_label_map_in_the_datamodule_applies_to_every_map_before_the_split(scene):
+def test_renumber_classes_in_the_datamodule_applies_to_every_map_before_the_split(scene):
     paths, labels = scene
     merge = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 0}
-    dm = RasterDataModule({"hsi": str(paths["hsi"])}, labels=str(paths["labels"]), label_map=merge,
+    dm = RasterDataModule({"hsi": str(paths["hsi"])}, labels=str(paths["labels"]), renumber_classes=merge,
                           class_names=["A", "B", "C"], train_per_class=10, patch_size=5, val_fraction=0)
     assert dm.num_classes == 3
     merged = remap_labels(labels, merge, "")
-    split = dm.label_maps["train"] + dm.label_maps["test"] + per_class_split(merged, 10, 0, 2)[2]
+    split = dm.label_rasters["train"] + dm.label_rasters["test"] + per_class_split(merged, 10, 0, 2)[2]
     np.testing.assert_array_equal(split, merged)
-    np.testing.assert_array_equal(np.bincount(dm.label_maps["train"].ravel(), minlength=4)[1:], [10, 10, 10])
-    with pytest.raises(InputError, match=r"label_map maps to classes 1..3 but class_names names 7"):
-        RasterDataModule({"hsi": str(paths["hsi"])}, labels=str(paths["labels"]), label_map=merge, class_names=AUGSBURG)
-    with pytest.raises(RasterError, match=r"labels\.tif: label values \[6, 7\] are not in label_map"):
-        RasterDataModule({"hsi": str(paths["hsi"])}, labels=str(paths["labels"]), label_map={k: 1 for k in range(1, 6)})
+    np.testing.assert_array_equal(np.bincount(dm.label_rasters["train"].ravel(), minlength=4)[1:], [10, 10, 10])
+    with pytest.raises(InputError, match=r"renumber_classes maps to classes 1..3 but class_names names 7"):
+        RasterDataModule({"hsi": str(paths["hsi"])}, labels=str(paths["labels"]), renumber_classes=merge,
+                         class_names=AUGSBURG)
+    with pytest.raises(RasterError, match=r"labels\.tif: label values \[6, 7\] are not in renumber_classes"):
+        RasterDataModule({"hsi": str(paths["hsi"])}, labels=str(paths["labels"]),
+                         renumber_classes={k: 1 for k in range(1, 6)})
+
+
+def test_label_map_is_read_as_the_old_spelling_of_renumber_classes(scene):
+    paths, _ = scene
+    merge = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 0}
+    common = dict(modalities={"hsi": str(paths["hsi"])}, labels=str(paths["labels"]), train_per_class=10,
+                  patch_size=5, val_fraction=0)
+    new, old = RasterDataModule(renumber_classes=merge, **common), RasterDataModule(label_map=merge, **common)
+    assert old.num_classes == new.num_classes == 3
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(old.label_rasters[split], new.label_rasters[split])
+    assert old.label_maps is old.label_rasters  # the attribute's old name too
+    with pytest.raises(InputError, match=r"^renumber_classes and label_map are the same option \(label_map is its "
+                                         r"old spelling\): give one$"):
+        RasterDataModule(renumber_classes=merge, label_map=merge, **common)
 
 
 # ---------------------------------------------------------------- the DataModule's protocols
@@ -162,9 +179,9 @@ def test_per_class_protocol_on_a_single_map_reports_the_guard(scene, caplog):
     with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=r"class 7 \(class 7\) has no training pixel"):
         dm = RasterDataModule(**common)  # the 1-pixel class cannot be sampled: named, not fatal
     train, test, removed = per_class_split(labels, 20, seed=4, guard=3)
-    np.testing.assert_array_equal(dm.label_maps["train"], train)
-    np.testing.assert_array_equal(dm.label_maps["test"], test)
-    assert not dm.has_validation and "val" not in dm.label_maps
+    np.testing.assert_array_equal(dm.label_rasters["train"], train)
+    np.testing.assert_array_equal(dm.label_rasters["test"], test)
+    assert not dm.has_validation and "val" not in dm.label_rasters
     np.testing.assert_array_equal(dm.guard_removed, np.bincount(removed.ravel(), minlength=8)[1:])
     removed_count = int((removed > 0).sum())
     assert f"Guard band of 3 px around the training pixels removed {removed_count} test pixels" in caplog.text
@@ -184,11 +201,11 @@ def test_per_class_on_official_maps_subsamples_train_and_keeps_the_test_map(scen
     tr, te = write_tif(paths["dir"] / "tr.tif", train_map), write_tif(paths["dir"] / "te.tif", test_map)
     dm = RasterDataModule({"hsi": str(paths["hsi"])}, train_labels=str(tr), test_labels=str(te),
                           train_per_class=5, patch_size=5, val_fraction=0, seed=9)
-    np.testing.assert_array_equal(dm.label_maps["train"], sample_per_class(train_map, 5, seed=9, keep_test=False))
-    np.testing.assert_array_equal(dm.label_maps["test"], test_map)
+    np.testing.assert_array_equal(dm.label_rasters["train"], sample_per_class(train_map, 5, seed=9, keep_test=False))
+    np.testing.assert_array_equal(dm.label_rasters["test"], test_map)
     # the test set is elsewhere: a small class gives all its training pixels, not half of them
     counts = np.bincount(train_map.ravel(), minlength=8)[1:]
-    np.testing.assert_array_equal(np.bincount(dm.label_maps["train"].ravel(), minlength=8)[1:],
+    np.testing.assert_array_equal(np.bincount(dm.label_rasters["train"].ravel(), minlength=8)[1:],
                                   np.minimum(counts, 5))
     assert 0 < counts[5] < 5
     assert dm.guard_removed is None
@@ -200,8 +217,8 @@ def test_validation_options(scene):
                   patch_size=5)
     with_val = RasterDataModule(**common, val_fraction=0.2, seed=1)
     pool = sample_per_class(_label_map(), 20, seed=1)
-    np.testing.assert_array_equal(with_val.label_maps["train"] + with_val.label_maps["val"], pool)
-    assert with_val.has_validation and 0 < (with_val.label_maps["val"] > 0).sum() < (pool > 0).sum()
+    np.testing.assert_array_equal(with_val.label_rasters["train"] + with_val.label_rasters["val"], pool)
+    assert with_val.has_validation and 0 < (with_val.label_rasters["val"] > 0).sum() < (pool > 0).sum()
     for bad in (-0.1, 1.0):
         with pytest.raises(InputError, match=rf"val_fraction must be in \[0, 1\) \(0 = no validation set\), got {bad}"):
             RasterDataModule(**common, val_fraction=bad)
@@ -209,7 +226,7 @@ def test_validation_options(scene):
     assert no_val.val_dataloader() == []
     with pytest.raises(InputError, match="no validation set .* nothing to validate"):
         no_val.setup("validate")
-    leaking = write_tif(paths["dir"] / "val.tif", no_val.label_maps["test"])
+    leaking = write_tif(paths["dir"] / "val.tif", no_val.label_rasters["test"])
     with pytest.raises(RasterError, match=r"val\.tif and .*labels\.tif: \d+ pixels are labelled in both val and test"):
         RasterDataModule(**common, val_labels=str(leaking))
 
@@ -256,7 +273,7 @@ def test_val_fraction_zero_trains_on_every_training_pixel_and_tests_the_last_epo
             "--data.init_args.val_fraction", "0", "--data.init_args.batch_size", "16", "--model.init_args.width", "8",
             "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--map_after_fit", "false"]
     cli = RSFusionCLI(**cli_kwargs(), args=args, run=False)  # what `fit` builds, inspected before training
-    np.testing.assert_array_equal(cli.datamodule.label_maps["train"], train)  # every official training pixel
+    np.testing.assert_array_equal(cli.datamodule.label_rasters["train"], train)  # every official training pixel
     assert not cli.datamodule.has_validation and cli.trainer.limit_val_batches == 0
     assert [cb.monitor for cb in cli.trainer.checkpoint_callbacks] == [None]  # the val/OA selector is gone
 
@@ -296,12 +313,12 @@ def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(
     for seed in (0, 1, 2):  # rsfusion-compare --seeds 0 1 2 runs each seed like this
         cli = RSFusionCLI(**cli_kwargs(), args=run_args(path, tmp_path, "cnn", seed, []), run=False)
         assert cli.datamodule.hparams.seed == seed
-        maps[seed] = cli.datamodule.label_maps["train"]
+        maps[seed] = cli.datamodule.label_rasters["train"]
         np.testing.assert_array_equal(maps[seed], sample_per_class(labels, 8, seed))
     assert (maps[0] != maps[1]).any() and (maps[1] != maps[2]).any()
     fixed = RSFusionCLI(**cli_kwargs(), args=[*run_args(path, tmp_path, "cnn", 2, []), "--data.init_args.seed", "0"],
                         run=False)
-    np.testing.assert_array_equal(fixed.datamodule.label_maps["train"], maps[0])  # an explicit data seed wins
+    np.testing.assert_array_equal(fixed.datamodule.label_rasters["train"], maps[0])  # an explicit data seed wins
 
     seed0 = run_args(path, tmp_path, "cnn", 0, [])
     main(["fit", *seed0, "--map_after_fit", "false"])
@@ -318,15 +335,15 @@ def test_split_seed_follows_the_run_seed_and_a_checkpoint_refuses_another_split(
 
 
 def test_the_xian_urban_example_in_the_das2f_config(tmp_path):
-    """The commented ``label_map`` of configs/das2f_xian.yaml, uncommented, merges an MS/PAN copy's classes."""
+    """The commented ``renumber_classes`` of configs/das2f_xian.yaml, uncommented, merges an MS/PAN copy's classes."""
     from rsfusion.datamodules import MSPanDataModule
     from rsfusion.datamodules.synthetic import make_mspan_scene
 
-    example = re.search(r"^\s*# (label_map: .*)$", (CONFIGS / "das2f_xian.yaml").read_text(), re.M).group(1)
-    label_map = yaml.safe_load(example)["label_map"]
-    assert label_map == {1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 4, 7: 3}
+    example = re.search(r"^\s*# (renumber_classes: .*)$", (CONFIGS / "das2f_xian.yaml").read_text(), re.M).group(1)
+    renumber = yaml.safe_load(example)["renumber_classes"]
+    assert renumber == {1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 4, 7: 3}
     paths = make_mspan_scene(tmp_path, height=24, width=20, train_per_class=8)
-    dm = MSPanDataModule(root=str(tmp_path), patch_size=4, label_map=label_map, val_fraction=0)
+    dm = MSPanDataModule(root=str(tmp_path), patch_size=4, renumber_classes=renumber, val_fraction=0)
     raw = np.load(paths["train"])
     assert dm.num_classes == 4 and dm.class_names == ["class 1", "class 2", "class 3", "class 4"]
-    np.testing.assert_array_equal(dm.label_maps["train"], np.array([0, 1, 2, 2, 2, 3, 4, 3])[raw])
+    np.testing.assert_array_equal(dm.label_rasters["train"], np.array([0, 1, 2, 2, 2, 3, 4, 3])[raw])

@@ -33,12 +33,12 @@ STRIP_ROWS = 256
 
 def check_same_grid(map_path: str, labels_path: str) -> tuple[int, int]:
     """The shared (rows, cols) grid of two single-band rasters, or a one-line error naming both."""
-    labels, class_map = read_header(labels_path), read_header(map_path)
-    for header, what in ((labels, "label raster"), (class_map, "classification map")):
+    labels, predicted = read_header(labels_path), read_header(map_path)
+    for header, what in ((labels, "label raster"), (predicted, "classification map")):
         if header.bands != 1:
             raise RasterError(f"{header.path}: a {what} must have 1 band, found {header.bands}")
-    if _grid_ratio(labels, class_map) != 1:  # raises for CRS / pixel size / extent / alignment mismatches
-        raise RasterError(f"{map_path} and {labels_path}: different resolutions ({class_map.shape} vs "
+    if _grid_ratio(labels, predicted) != 1:  # raises for CRS / pixel size / extent / alignment mismatches
+        raise RasterError(f"{map_path} and {labels_path}: different resolutions ({predicted.shape} vs "
                           f"{labels.shape} pixels over the same area); resample the map onto the label grid")
     return labels.shape
 

@@ -44,12 +44,12 @@ def class_colours(palette, num_classes: int) -> list[tuple[int, int, int]]:
     return [DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(num_classes)]
 
 
-def render_png(path: str | Path, class_map: np.ndarray, class_names: list[str], palette: list[tuple[int, int, int]],
+def render_png(path: str | Path, classes: np.ndarray, class_names: list[str], palette: list[tuple[int, int, int]],
                title: str | None = None) -> None:
     """A colour map with a legend (0 = no data, black), written atomically."""
     colours = np.array([(0, 0, 0)] + [tuple(c) for c in palette], dtype=np.uint8)
-    rgb = colours[np.clip(class_map, 0, len(palette))]
-    h, w = class_map.shape
+    rgb = colours[np.clip(classes, 0, len(palette))]
+    h, w = classes.shape
     fig_w = 6 + 2.5
     fig = Figure(figsize=(fig_w, max(3.0, 6 * h / max(w, 1))), dpi=150)
     ax = fig.subplots()

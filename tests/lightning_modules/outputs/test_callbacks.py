@@ -67,7 +67,7 @@ def test_default_callbacks_in_a_python_trainer_report_resume_and_map(tmp_path):
     trainer.test(model, dm, verbose=False)
     rows = list(csv.reader((log_dir / "reports" / "confusion_matrix.csv").open()))
     assert rows[0][1:] == dm.class_names
-    assert sum(int(v) for row in rows[1:] for v in row[1:]) == int((dm.label_maps["test"] > 0).sum())
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == int((dm.label_rasters["test"] > 0).sum())
 
     metrics = list(csv.DictReader((log_dir / "metrics.csv").open()))
     key = "data/test_pixels_in_train_patches"
