@@ -28,7 +28,9 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
+from rsfusion.kernels.flops import counting, selective_scan_flops
 from rsfusion.kernels.scan_torch import scan_core_torch
 
 __all__ = ["selective_scan", "available_backends", "check_backend", "resolve_backend", "BACKENDS", "ENV_VAR"]
@@ -287,6 +289,26 @@ def _torch_backend(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
     return (y, last_state) if return_last_state else y
 
 
+@torch.library.custom_op("rsfusion::selective_scan", mutates_args=())
+def _counted_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                  delta_softplus: bool) -> torch.Tensor:
+    """The torch backend's forward as one op, which ``FlopCounterMode`` counts analytically (``flops.py``)."""
+    return _torch_backend(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False).clone()
+
+
+@_counted_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return torch.empty_like(u)
+
+
+@register_flop_formula(torch.ops.rsfusion.selective_scan)
+def _scan_flop_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape, z_shape, delta_bias_shape,
+                       delta_softplus, out_shape=None, **kwargs) -> int:
+    batch, dim, length = u_shape
+    return selective_scan_flops(batch, dim, length, A_shape[1], D_shape is not None, z_shape is not None)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto"):
     """Mamba's S6 selective scan with mamba-ssm ``selective_scan_fn`` semantics (real A).
@@ -311,6 +333,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     chosen = resolve_backend(backend, u.device, u.dtype)
     B, C = _common_groups(B, C)
+    if counting() and not return_last_state:
+        return _counted_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if chosen == "cuda":
         cast = [t if t is None else t.to(u.dtype) for t in (delta, B, C, z)]
         vecs = [t if t is None else t.float() for t in (D, delta_bias)]
