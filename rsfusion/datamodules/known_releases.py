@@ -99,7 +99,8 @@ def split_card(dataset: str, inputs: dict[str, str], label_rasters: dict[str, np
                       "copy": known.describe() if known else "unknown copy"})
     k = len(class_names)
     order = [s for s in ("train", "val", "test", "all") if s in label_rasters]
-    counts = {split: np.bincount(label_rasters[split][label_rasters[split] > 0].ravel(), minlength=k + 1)[1:k + 1].tolist()
+    counts = {split: np.bincount(label_rasters[split][label_rasters[split] > 0].ravel(),
+                                 minlength=k + 1)[1:k + 1].tolist()
               for split in order}
     classes = [{"class": i + 1, "name": name, **{split: counts[split][i] for split in counts}}
                for i, name in enumerate(class_names)]

@@ -71,7 +71,8 @@ def read_label_set(reference: RasterHeader, paths: dict[str, str | None], class_
     if not rasters and fixed_k is None:
         raise InputError(f"{', '.join(modalities.values())}: no label maps and no class_names; give "
                          "class_names to predict (or --ckpt_path, which supplies them), label maps to train")
-    num_classes = fixed_k or int(max(renumber_classes.values()) if renumber_classes else max(m.max() for m in rasters.values()))
+    num_classes = fixed_k or int(max(renumber_classes.values()) if renumber_classes
+                                 else max(m.max() for m in rasters.values()))
     given = paths.get("all") or paths.get("train")
     if num_classes < 1:
         raise RasterError(f"{given}: no labelled pixel (0 = unlabelled, 1..K = classes)")
@@ -85,14 +86,16 @@ def read_label_set(reference: RasterHeader, paths: dict[str, str | None], class_
     return labels
 
 
-def _read(reference, paths, fixed_k, renumber_classes, label_nodata, class_raster, coordinate_base) -> dict[str, np.ndarray]:
+def _read(reference, paths, fixed_k, renumber_classes, label_nodata, class_raster,
+          coordinate_base) -> dict[str, np.ndarray]:
     """Every given label raster (or coordinate list into ``class_raster``); ``renumber_classes`` renumbers the classes
     before anything else."""
     if renumber_classes and fixed_k is not None and max(renumber_classes.values()) != fixed_k:
         raise InputError(f"renumber_classes maps to classes 1..{max(renumber_classes.values())} but class_names names "
                          f"{fixed_k}: give one name per new class")
     check_k = None if renumber_classes else fixed_k
-    coordinates_into = class_raster and ClassRaster.read(reference, class_raster, check_k, label_nodata, coordinate_base)
+    coordinates_into = class_raster and ClassRaster.read(reference, class_raster, check_k, label_nodata,
+                                                         coordinate_base)
     rasters = {}
     for split, path in paths.items():
         if path is None:

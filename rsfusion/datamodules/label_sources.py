@@ -69,7 +69,8 @@ def read_split_labels(ref: RasterHeader, path: str, num_classes: int | None, unl
         if class_raster is None:
             raise RasterError(f"{path}: a {header.shape[0]} x 2 array, not a {ref.shape[0]} x {ref.shape[1]} "
                               "label map: "
-                              "if it lists (row, col) coordinates, give class_raster (the full label raster they index)")
+                              "if it lists (row, col) coordinates, give class_raster "
+                              "(the full label raster they index)")
         return class_raster.rasterise(path, read_raster(path).data[0])
     check_label_grid(ref, path)
     return read_labels(path, num_classes, unlabelled)[0]

@@ -201,7 +201,8 @@ class RasterDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             self.train_dataset = self._unlabelled_tiles() if self.hparams.pretrain_tiles else self._dataset("train")
             self.val_dataset = self._dataset("val") if self.has_validation else None
-            self.leakage = pixels_inside_patches(self.label_rasters["train"], self.label_rasters["test"], self.patch_size)
+            self.leakage = pixels_inside_patches(self.label_rasters["train"], self.label_rasters["test"],
+                                                 self.patch_size)
             total = int((self.label_rasters["test"] > 0).sum())
             rank_zero_info(f"Leakage check: {self.leakage} of {total} test pixels ({100 * self.leakage / total:.1f}%) "
                            f"lie inside a training patch of size {self.patch_size}")

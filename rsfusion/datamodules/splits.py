@@ -157,7 +157,8 @@ def remap_labels(labels: np.ndarray, renumber_classes: dict[int, int], path: str
     if 0 in mapping:
         raise InputError("renumber_classes: key 0 is the unlabelled value and cannot be mapped; map classes 1..K")
     if min(mapping.values()) < 0:
-        raise InputError(f"renumber_classes: new values must be 0 (drop) or classes 1..K, got {sorted(set(mapping.values()))}")
+        raise InputError("renumber_classes: new values must be 0 (drop) or classes 1..K, got "
+                         f"{sorted(set(mapping.values()))}")
     present = np.unique(labels[labels > 0])
     missing = [int(v) for v in present if int(v) not in mapping]
     if missing:

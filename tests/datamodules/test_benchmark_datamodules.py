@@ -210,7 +210,8 @@ def test_coordinate_lists_base_and_errors(copies, tmp_path):
     with pytest.raises(RasterError, match=r"edge\.mat:tr: 1 coordinates fall outside the 40 x 30 scene \(first: "
                                           r"row 40, col 1, read as 0-based; see coordinate_base\)"):
         RasterDataModule(train_labels=f"{tmp_path / 'edge.mat'}:tr", test_labels=f"{one_based}:te", **common)
-    with pytest.raises(RasterError, match=r"a \d+ x 2 array, not a 40 x 30 label map: .* give class_raster \(the full label raster they index\)$"):
+    with pytest.raises(RasterError, match=r"a \d+ x 2 array, not a 40 x 30 label map: .* give class_raster "
+                                          r"\(the full label raster they index\)$"):
         RasterDataModule(train_labels=f"{one_based}:tr", test_labels=f"{one_based}:te",
                          **{**common, "class_raster": None})
 

@@ -119,7 +119,8 @@ def test_renumber_classes_merges_renumbers_and_drops():
 
 def test_renumber_classes_errors():
     labels = np.array([[0, 1, 2, 9]], dtype=np.uint8)
-    with pytest.raises(RasterError, match=r"^train\.tif: label values \[2, 9\] are not in renumber_classes \(keys \[1, 3\]\); "
+    with pytest.raises(RasterError, match=r"^train\.tif: label values \[2, 9\] are not in renumber_classes "
+                                          r"\(keys \[1, 3\]\); "
                                           r"map every class \(0 = drop it\)$"):
         remap_labels(labels, {1: 1, 3: 2}, "train.tif")
     with pytest.raises(InputError, match="key 0 is the unlabelled value"):
