@@ -13,7 +13,8 @@ def _tiny_case():
     x = torch.randn(batch, length, 4, generator=gen)
     proj = torch.nn.Linear(4, dim, bias=False)
     rest = dict(delta=torch.rand(batch, dim, length, generator=gen), A=-torch.rand(dim, nstate, generator=gen),
-                B=torch.randn(batch, nstate, length, generator=gen), C=torch.randn(batch, nstate, length, generator=gen),
+                B=torch.randn(batch, nstate, length, generator=gen),
+                C=torch.randn(batch, nstate, length, generator=gen),
                 D=torch.randn(dim, generator=gen), z=torch.randn(batch, dim, length, generator=gen))
 
     def forward():

@@ -33,8 +33,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from rsfusion.datamodules.writing import atomic_path
+from rsfusion.lightning_modules.commands import study
 from rsfusion.lightning_modules.commands.cli import RSFusionCLI, cli_kwargs, evaluation_checkpoint
 from rsfusion.lightning_modules.outputs.maps import class_colours, ensure_map_writer
+from rsfusion.lightning_modules.outputs.study_tables import mean_std
 
 METRICS = ("OA", "AA", "kappa")
 
@@ -106,16 +108,6 @@ def _finish_wandb() -> None:
     """Close a W&B run a config may have opened, so the next run gets its own."""
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single run) of the values that exist: a class
-    with no reference pixel in a run's test set has no accuracy (NaN) and is left out; NaN if no run has one."""
-    array = np.asarray(values, dtype=float)
-    array = array[~np.isnan(array)]
-    if array.size == 0:
-        return float("nan"), float("nan")
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
 def summarise(results: list[RunResult]) -> tuple[list[str], list[dict]]:
@@ -208,11 +200,16 @@ def write_outputs(output: Path, results: list[RunResult]) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--study" or a.startswith("--study=") for a in argv):
+        study.main(argv)
+        return
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="rsfusion compare", description=__doc__.split("\n")[0],
                                      epilog="Arguments after -- are passed to every run's CLI, e.g. "
-                                            "-- --trainer.max_epochs=5")
+                                            "-- --trainer.max_epochs=5. A whole study (models x datasets x "
+                                            "protocols x seeds, resumable, papers' tables): "
+                                            "rsfusion compare --study configs/studies/<x>.yaml")
     parser.add_argument("configs", nargs="+", help="config files, optionally as label=path")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"), help="output directory")
