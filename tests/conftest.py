@@ -20,6 +20,20 @@ def pytest_configure(config):
     child processes inherit the variable."""
     if "RSFUSION_CACHE_DIR" not in os.environ:
         os.environ["RSFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsfusion-test-cache-")
+    # The Hugging Face hub is never reached (tests that exercise a fetch mock the client and unset this)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # rs-fusion-datasets' data home: never the user's ~/scikit_learn_data
+    os.environ["SCIKIT_LEARN_DATA"] = tempfile.mkdtemp(prefix="rsfusion-test-skl-")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``network`` download real data: run only with RSFUSION_NETWORK_TESTS=1."""
+    if os.environ.get("RSFUSION_NETWORK_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="downloads real data: set RSFUSION_NETWORK_TESTS=1 on a machine with internet")
+    for item in items:
+        if "network" in item.keywords:
+            item.add_marker(skip)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")

@@ -1,4 +1,5 @@
-"""DataModules for the standard multimodal benchmark releases (files are not downloadable: bring them).
+"""DataModules for the standard multimodal benchmark releases: bring the files (``root:``), or let
+rs-fusion-datasets fetch them (``download: true``, see ``downloads.py``).
 
 Each class looks for the files of the common distributed copies under ``root`` (the first match of
 each role wins; a ``file.mat:KEY`` candidate matches only a file holding that key; a ``.mat`` without
@@ -9,11 +10,13 @@ split card (input checksums, known-copy check, per-class pixel counts; see ``kno
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from rsfusion.datamodules.downloads import NOT_COVERED, SOURCES, fetch
 from rsfusion.datamodules.errors import InputError, RasterError
 from rsfusion.datamodules.io import mat_keys, split_key
 from rsfusion.datamodules.known_releases import format_card, split_card
@@ -21,6 +24,7 @@ from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.datamodules.writing import atomic_path
 
 Candidates = dict[str, list[str]]
+GATORSENSE = "muufl_gulfport_campus_1_hsi_220_label.mat"  # MUUFL as GatorSense releases it
 SPLIT_ROLES = ("train", "test", "labels", "class_raster")
 
 
@@ -32,8 +36,11 @@ class BenchmarkDataModule(RasterDataModule):
     RasterDataModule's single-map protocol, spatial blocks by default).
 
     Args:
-        root: the folder holding the dataset's files.
+        root: the folder holding the dataset's files; with ``download``, the data home to download into
+            (default: rs-fusion-datasets' own, ``SCIKIT_LEARN_DATA`` or ``~/scikit_learn_data``).
         use: which modalities to use (default: all the dataset has, in ``files`` order).
+        download: fetch the files with rs-fusion-datasets (checksums verified, cached) when the dataset
+            is one it covers (``downloads.SOURCES``).
         **kwargs: any :class:`RasterDataModule` option (patch_size, sampling, pca, ...). Options left
             at None take the dataset's ``defaults`` (e.g. MUUFL's ``label_nodata: -1``).
     """
@@ -44,7 +51,16 @@ class BenchmarkDataModule(RasterDataModule):
     classes: ClassVar[list[str]] = []
     defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, root: str, use: list[str] | None = None, **kwargs):
+    def __init__(self, root: str | None = None, use: list[str] | None = None, download: bool = False, **kwargs):
+        self.source: dict | None = None  # where downloaded files came from (the split card records it)
+        if download:
+            if self.name not in SOURCES:
+                raise InputError(f"{self.name}: download: true is not available, rs-fusion-datasets does not "
+                                 f"cover this dataset ({NOT_COVERED.get(self.name, 'see docs/datasets.md')})")
+            folder, self.source = fetch(self.name, root)
+            root = str(folder)
+        elif root is None:
+            raise InputError(f"{self.name}: give root: (the folder holding the files) or download: true")
         found = self.locate(root)
         modalities = [r for r in self.files if r not in SPLIT_ROLES]
         wanted = use or [m for m in modalities if m in found]
@@ -72,7 +88,7 @@ class BenchmarkDataModule(RasterDataModule):
         if key is None:
             return True
         try:
-            return key in mat_keys(file)
+            return re.split(r"[.\[]", key)[0] in mat_keys(file)  # a struct field: its variable
         except RasterError:
             return True  # there, but unreadable: reading it reports the problem
 
@@ -110,6 +126,8 @@ class BenchmarkDataModule(RasterDataModule):
     def log_split_card(self) -> dict:
         """Log (rank 0) the split card, and write it as ``split_card.json`` in the trainer's log dir."""
         self.card = split_card(self.name, self.inputs, self.label_rasters, self.class_names)
+        if self.source is not None:
+            self.card["source"] = self.source
         rank_zero_info(format_card(self.card))
         trainer = getattr(self, "trainer", None)
         log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every rank asks
@@ -123,26 +141,34 @@ class Houston2013DataModule(BenchmarkDataModule):
     """Houston2013 (DFC2013, UH campus, 349x1905): HSI 144 bands + LiDAR DSM; 15 classes, official
     spatially disjoint split (2,832 train / 12,197 test). Copies: ``HSI.mat``, ``LiDAR_1.mat`` or
     ``LiDAR.mat``, ``TRLabel.mat``/``TSLabel.mat``; or the contest GeoTIFFs (CASI, LiDAR, Samples_TR/VA:
-    2.5 m transform, no CRS), which maps then inherit."""
+    2.5 m transform, no CRS), which maps then inherit; the University of Houston's archive (what
+    ``download: true`` fetches) has the samples as ENVI ROI exports (``Samples_TR.txt``/``_VA.txt``)."""
 
     name = "Houston2013"
     files = {"hsi": ["HSI.mat:HSI", "2013_IEEE_GRSS_DF_Contest_CASI.tif", "houston_hsi.tif", "HSI.tif"],
              "lidar": ["LiDAR_1.mat", "LiDAR.mat", "2013_IEEE_GRSS_DF_Contest_LiDAR.tif", "houston_lidar.tif",
                        "LiDAR.tif"],
-             "train": ["TRLabel.mat:TRLabel", "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif", "TRLabel.tif", "train.tif"],
-             "test": ["TSLabel.mat:TSLabel", "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif", "TSLabel.tif", "test.tif"]}
+             "train": ["TRLabel.mat:TRLabel", "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif",
+                       "2013_IEEE_GRSS_DF_Contest_Samples_TR.txt", "TRLabel.tif", "train.tif"],
+             "test": ["TSLabel.mat:TSLabel", "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif",
+                      "2013_IEEE_GRSS_DF_Contest_Samples_VA.txt", "TSLabel.tif", "test.tif"]}
     classes = ["Healthy grass", "Stressed grass", "Synthetic grass", "Trees", "Soil", "Water", "Residential",
                "Commercial", "Road", "Highway", "Railway", "Parking lot 1", "Parking lot 2", "Tennis court",
                "Running track"]
 
 
 class TrentoDataModule(BenchmarkDataModule):
-    """Trento (166x600): HSI 63 bands + LiDAR (1 or 2 rasters by copy); 6 classes, 819 / 29,395."""
+    """Trento (166x600): HSI 63 bands + LiDAR (1 or 2 rasters by copy); 6 classes, 819 / 29,395. Copies:
+    ``HSI.mat``, ``LiDAR.mat``, ``TRLabel.mat``/``TSLabel.mat``; or the copy ``download: true`` fetches,
+    ``Italy_hsi.mat:data``, ``Italy_lidar.mat:data`` (2 rasters) and one ground truth ``allgrd.mat:mask_test``
+    without split (the single-map protocol divides it: spatial blocks, or ``train_per_class``)."""
 
     name = "Trento"
-    files = {"hsi": ["HSI.mat:HSI", "HSI.tif"], "lidar": ["LiDAR.mat:LiDAR", "LiDAR.tif"],
+    files = {"hsi": ["HSI.mat:HSI", "Italy_hsi.mat:data", "HSI.tif"],
+             "lidar": ["LiDAR.mat:LiDAR", "Italy_lidar.mat:data", "LiDAR.tif"],
              "train": ["TRLabel.mat:TRLabel", "TRLabel.tif", "train.tif"],
-             "test": ["TSLabel.mat:TSLabel", "TSLabel.tif", "test.tif"]}
+             "test": ["TSLabel.mat:TSLabel", "TSLabel.tif", "test.tif"],
+             "labels": ["allgrd.mat:mask_test"]}
     classes = ["Apple trees", "Buildings", "Ground", "Woods", "Vineyard", "Roads"]
 
 
@@ -150,13 +176,16 @@ class MUUFLDataModule(BenchmarkDataModule):
     """MUUFL Gulfport (325x220): HSI 64 bands + LiDAR 2 rasters; 11 classes (raw label -1 = unlabelled).
     Copies: ``hsi.mat:HSI``, ``lidar.mat:lidar``, ``train_test_gt.mat`` (trainlabels/testlabels); or
     ``HSI.mat:HSI``, ``LiDAR.mat:LiDAR`` with only ``gt.mat:gt`` (no split: the single-map protocol
-    divides it, e.g. ``train_per_class``, or spatial blocks by default)."""
+    divides it, e.g. ``train_per_class``, or spatial blocks by default); or GatorSense's release
+    (``download: true``): the struct ``hsi`` of ``muufl_gulfport_campus_1_hsi_220_label.mat`` (``Data``,
+    ``Lidar[0].z``, ``sceneLabels.labels``; no split)."""
 
     name = "MUUFL"
-    files = {"hsi": ["hsi.mat:HSI", "HSI.mat:HSI"], "lidar": ["lidar.mat:lidar", "LiDAR.mat:LiDAR"],
+    files = {"hsi": ["hsi.mat:HSI", "HSI.mat:HSI", f"{GATORSENSE}:hsi.Data"],
+             "lidar": ["lidar.mat:lidar", "LiDAR.mat:LiDAR", f"{GATORSENSE}:hsi.Lidar[0].z"],
              "train": ["train_test_gt.mat:trainlabels", "train.tif"],
              "test": ["train_test_gt.mat:testlabels", "test.tif"],
-             "labels": ["gt.mat:gt"]}
+             "labels": ["gt.mat:gt", f"{GATORSENSE}:hsi.sceneLabels.labels"]}
     classes = ["Trees", "Mostly grass", "Mixed ground surface", "Dirt/sand", "Road", "Water", "Building shadow",
                "Building", "Sidewalk", "Yellow curb", "Cloth panels"]
     defaults = {"label_nodata": -1}
@@ -167,14 +196,19 @@ class AugsburgDataModule(BenchmarkDataModule):
     disjoint maps 761 train / 77,533 test. ``use: [hsi, sar]`` for the 2-modal setting. Copies: the
     official ``data_HS_LR.mat``, ``data_SAR_HR.mat``, ``data_DSM.mat``, ``TrainImage.mat``,
     ``TestImage.mat`` (stored as float32: read as whole-number labels); or ``data_hsi.mat:data``,
-    ``data_sar.mat:data``, ``mask_train.mat``, ``mask_test.mat``."""
+    ``data_sar.mat:data``, ``mask_train.mat``, ``mask_test.mat``; or the preprocessed (OUC) copy that
+    ``download: true`` fetches, ``augsburg_hsi.mat``, ``augsburg_sar.mat``, and 0-based (row, col) lists
+    ``augsburg_index.mat`` (``augsburg_train``/``augsburg_test``) into ``augsburg_gt.mat``."""
 
     name = "Augsburg"
-    files = {"hsi": ["data_HS_LR.mat:data_HS_LR", "data_hsi.mat:data", "hsi.tif"],
-             "sar": ["data_SAR_HR.mat:data_SAR_HR", "data_sar.mat:data", "sar.tif"],
+    files = {"hsi": ["data_HS_LR.mat:data_HS_LR", "data_hsi.mat:data", "augsburg_hsi.mat:augsburg_hsi", "hsi.tif"],
+             "sar": ["data_SAR_HR.mat:data_SAR_HR", "data_sar.mat:data", "augsburg_sar.mat:augsburg_sar", "sar.tif"],
              "dsm": ["data_DSM.mat:data_DSM", "data_DSM.mat:data", "dsm.tif"],
-             "train": ["TrainImage.mat:TrainImage", "mask_train.mat:mask_train", "train.tif"],
-             "test": ["TestImage.mat:TestImage", "mask_test.mat:mask_test", "test.tif"]}
+             "train": ["TrainImage.mat:TrainImage", "mask_train.mat:mask_train", "augsburg_index.mat:augsburg_train",
+                       "train.tif"],
+             "test": ["TestImage.mat:TestImage", "mask_test.mat:mask_test", "augsburg_index.mat:augsburg_test",
+                      "test.tif"],
+             "class_raster": ["augsburg_gt.mat:augsburg_gt"]}
     optional = ("dsm",)
     classes = ["Forest", "Residential area", "Industrial area", "Low plants", "Allotment", "Commercial area", "Water"]
 

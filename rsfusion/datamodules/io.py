@@ -1,4 +1,5 @@
-"""Reading rasters: GeoTIFF and anything GDAL reads, ``.npy``, ``.mat`` (v5 and v7.3), label maps.
+"""Reading rasters: GeoTIFF and anything GDAL reads, ``.npy``, ``.mat`` (v5 and v7.3; ``file.mat:KEY``, or a
+field of a MATLAB struct: ``file.mat:hsi.Lidar[0].z``), label maps, ENVI ROI exports (``.txt``).
 
 Every reading problem becomes a one-line :class:`~rsfusion.datamodules.errors.RasterError` that names
 the file and the problem.
@@ -6,6 +7,7 @@ the file and the problem.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import scipy.io
 from affine import Affine
 from rasterio.errors import RasterioError, RasterioIOError
 
+from rsfusion.datamodules.envi_roi import is_envi_roi, read_roi, roi_shape
 from rsfusion.datamodules.errors import RasterError
 
 LABEL_KEYS = ("label", "labels", "gt", "TRLabel", "TSLabel", "mask_train", "mask_test",
@@ -80,7 +83,32 @@ def _to_chw(array: np.ndarray, path: Path, channels_last: bool) -> np.ndarray:
     raise RasterError(f"{path}: expected a 2-D or 3-D array, got shape {array.shape}")
 
 
+def _struct_field(path: Path, key: str) -> np.ndarray:
+    """``hsi.Lidar[0].z``: a field of a struct in a MATLAB v5 file."""
+    parts = re.findall(r"([A-Za-z_]\w*)(?:\[(\d+)\])?", key)
+    if h5py.is_hdf5(path):
+        raise RasterError(f"{path}: struct fields ({key}) are read from MATLAB v5 files only; this is v7.3")
+    try:
+        value = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False, variable_names=[parts[0][0]])
+    except Exception as err:  # noqa: BLE001 (scipy raises many kinds)
+        raise RasterError(f"{path}: cannot read .mat file ({type(err).__name__}: {_first_line(err)})") from None
+    walked = ""
+    for name, index in parts:
+        try:
+            value = value[name] if isinstance(value, dict) else getattr(value, name)
+            value = value if index == "" else np.atleast_1d(value)[int(index)]
+        except (KeyError, AttributeError, IndexError):
+            raise RasterError(f"{path}: no {walked + name}{f'[{index}]' if index else ''} in the .mat file "
+                              f"(key {key!r})") from None
+        walked += f"{name}{f'[{index}]' if index else ''}."
+    if not isinstance(value, np.ndarray) or value.dtype == object:
+        raise RasterError(f"{path}: {key} is not a numeric array")
+    return value
+
+
 def _load_mat(path: Path, key: str | None) -> np.ndarray:
+    if key is not None and ("." in key or "[" in key):
+        return _struct_field(path, key)
     try:
         if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5; h5py sees their arrays transposed
             with h5py.File(path, "r") as f:
@@ -140,6 +168,8 @@ def read_header(path: str | os.PathLike) -> RasterHeader:
     if suffix == ".mat":
         chw = _to_chw(_load_mat(p, key), p, channels_last=True)
         return RasterHeader(str(path), chw.shape[0], (chw.shape[1], chw.shape[2]))
+    if is_envi_roi(p):
+        return RasterHeader(str(path), 1, roi_shape(p))
     try:
         with rasterio.open(p) as src:
             return RasterHeader(str(path), src.count, (src.height, src.width), src.crs, src.transform)
@@ -183,11 +213,16 @@ def read_raster(path: str | os.PathLike, nodata: float | None = None,
     if window is not None:
         rows, cols = slice(window[0], window[1]), slice(window[2], window[3])
     if suffix in (".npy", ".mat"):
-        try:
-            array = np.load(p, mmap_mode="r") if suffix == ".npy" else _load_mat(p, key)
-        except (ValueError, OSError, EOFError) as err:  # EOFError: a 0-byte file
-            raise RasterError(f"{p}: cannot read .npy file ({err})") from None
+        if suffix == ".mat":
+            array = _load_mat(p, key)  # its errors name the file already
+        else:
+            try:
+                array = np.load(p, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as err:  # EOFError: a 0-byte file
+                raise RasterError(f"{p}: cannot read .npy file ({err})") from None
         data = np.ascontiguousarray(_to_chw(array, p, channels_last=True)[:, rows, cols])
+    elif is_envi_roi(p):
+        data = np.ascontiguousarray(read_roi(p)[0][None, rows, cols])
     else:
         try:
             with rasterio.open(p) as src:

@@ -1,7 +1,8 @@
 """Known public copies of the benchmark files, and the split card a benchmark DataModule logs.
 
-The checksums and facts come from ``shared/data/known-releases.md`` (public copies checked by the
-project; "same as rs-fusion-datasets" where that loader publishes the same checksum). A file whose
+The checksums and facts are of public copies checked by the project ("same as rs-fusion-datasets"
+where that loader publishes the same checksum), and of the files rs-fusion-datasets 1.0 verifies when it
+downloads (``download: true``). A file whose
 SHA-256 is listed is reported as that known copy; any other file as an unknown copy (a different
 redistribution, a re-save, or a modified file: the card's counts say which split it holds).
 """
@@ -22,7 +23,7 @@ class KnownFile:
     dataset: str
     name: str
     key: str | None
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
     labelled: int | None  # labelled pixels of a label file
     note: str = ""
@@ -63,6 +64,52 @@ KNOWN_FILES: dict[str, KnownFile] = {
         KnownFile("Augsburg", "TrainImage.mat", "TrainImage", (332, 485), "uint8", 761),
     "87f9c9e0436007768ca7738c300b7c7812541e7043c69addd81c48c3bdc3c9fd":
         KnownFile("Augsburg", "TestImage.mat", "TestImage", (332, 485), "float32", 77_533, "stored as float32"),
+    **{sha: KnownFile(dataset, name, key, shape, dtype, labelled, f"the {function} copy (its checksum)")
+       for sha, (dataset, function, name, key, shape, dtype, labelled) in {
+        # The files rs-fusion-datasets 1.0 verifies and rsfusion reads (download: true); shapes and dtypes as
+        # its code reads them
+        "1440f38594e8e82cc1944c084fc138ef55a70af54122828e999c4fb438574c14":
+            ("Houston2013", "fetch_houston2013", "2013_IEEE_GRSS_DF_Contest_CASI.tif", None, (144, 349, 1905),
+             "uint16", None),
+        "16c69cf216535d7b4df2045b05d49c50a078609aa6d011a5e23e54f4cd08abda":
+            ("Houston2013", "fetch_houston2013", "2013_IEEE_GRSS_DF_Contest_Samples_TR.txt", None, (349, 1905),
+             "ENVI ROI export", None),
+        "768bb02193d04c8020b45f1f31a49926a5b914040f77f71a81df756d6e8b8dcb":
+            ("Houston2013", "fetch_houston2013", "2013_IEEE_GRSS_DF_Contest_Samples_VA.txt", None, (349, 1905),
+             "ENVI ROI export", None),
+        "6a0edba3c224df411623ed5774fc34e91929ab341709859b2f56cc38dbb3c6fd":
+            ("Houston2013", "fetch_houston2013_mmr", "HSI.mat", "HSI", (349, 1905, 144), "", None),
+        "7aa956e7c371fd29a495f0cb9bb8f572aaa4065fcfeda2b3e854a5cef74b35ad":
+            ("Houston2013", "fetch_houston2013_mmr", "LiDAR.mat", "LiDAR", (349, 1905), "", None),
+        "96ce863eaf4dc548c3140a480dee33c812d46194ae5ed345fed6e71a3d72b527":
+            ("Houston2013", "fetch_houston2013_mmr", "TRLabel.mat", "TRLabel", (349, 1905), "", None),
+        "46bd849d556c80ed67b33f23dd288eafa7ac9f97a847390be373b702b0bf5a45":
+            ("Houston2013", "fetch_houston2013_mmr", "TSLabel.mat", "TSLabel", (349, 1905), "", None),
+        "7b965fd405314b5c91451042e547a1923be6f5a38c6da83969032cff79729280":
+            ("Trento", "fetch_trento", "Italy_hsi.mat", "data", (166, 600, 63), "", None),
+        "a04dc90368d6a7b4f9d3936024ba9fef4105456c090daa14fff31b8b79e94ab1":
+            ("Trento", "fetch_trento", "Italy_lidar.mat", "data", (166, 600, 2), "", None),
+        "7e3fb2a2ea22c2661dfc768db3cb93c9643b324e7e64fadedfa57f5edbf1818f":
+            ("Trento", "fetch_trento", "allgrd.mat", "mask_test", (166, 600), "", None),
+        "69420a72866dff4a858ae503e6e2981af46f406a4ad8f4dd642efa43feb59edc":
+            ("MUUFL", "fetch_muufl", "muufl_gulfport_campus_1_hsi_220_label.mat", "hsi", (325, 220), "struct", None),
+        "2f13839d7840b32f55e0489d6934776dcfded7f678e23a9d8c2c092573946583":
+            ("Augsburg", "fetch_augsburg_ouc", "augsburg_hsi.mat", "augsburg_hsi", (332, 485, 180), "uint16", None),
+        "cd1dbfad2346f47e51d105b05e11aaefc872fe487a94bdc2913f4eaee3f8e82b":
+            ("Augsburg", "fetch_augsburg_ouc", "augsburg_sar.mat", "augsburg_sar", (332, 485, 4), "float64", None),
+        "065df71257f06c075ff3b37327c0fba75cc9146015a0f095a093fd12b9eaacbe":
+            ("Augsburg", "fetch_augsburg_ouc", "augsburg_gt.mat", "augsburg_gt", (332, 485), "uint8", None),
+        "8bc57037447cb42dbf3a8478d42d4bc217a53a6a0b349c2d67db8c660bef2f43":
+            ("Augsburg", "fetch_augsburg_ouc", "augsburg_index.mat", "augsburg_train", (761, 2), "", 761),
+        "580f397d9f249b4ec3f02b8cc570d910d765afa9f77b17d8a4f4799edee94b1f":
+            ("Berlin", "fetch_berlin_ouc", "berlin_hsi.mat", "berlin_hsi", (1723, 476, 244), "float64", None),
+        "a6cf2f86db7f1a02c340e813a7b46f9c6c58e297e1eb9b5fa19ed49244b2b8a7":
+            ("Berlin", "fetch_berlin_ouc", "berlin_sar.mat", "berlin_sar", (1723, 476, 4), "float64", None),
+        "dd9286cd565535857721627878de3cbebffa2dacc625b539474d16cba3a7343e":
+            ("Berlin", "fetch_berlin_ouc", "berlin_gt.mat", "berlin_gt", (1723, 476), "uint8", None),
+        "1a66ec454ea95bbf5782525d9fcf9a04412a948b7b3aa6919ed324516d42a8b5":
+            ("Berlin", "fetch_berlin_ouc", "berlin_index.mat", "berlin_train", ("N", 2), "", None),
+    }.items()},
 }
 
 _CHUNK = 8 << 20

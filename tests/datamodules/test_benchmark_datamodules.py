@@ -172,12 +172,28 @@ def test_split_card_recognises_a_known_copy(copies, monkeypatch):
     assert "Split card (Trento):" in text and "Apple trees" in text and digest in text
 
 
-def test_known_copy_table_matches_the_shared_facts():
+def test_known_copies_are_the_packages_checksums():
+    """Every copy learnt from rs-fusion-datasets carries a checksum its fetch function's code verifies."""
+    import inspect
+
+    from rsfusion.datamodules.downloads import _import_package
+
+    package = _import_package()
+    learnt = {sha: f for sha, f in known_releases.KNOWN_FILES.items() if f.note.endswith("copy (its checksum)")}
+    assert len(learnt) == 19
+    for sha, known in learnt.items():
+        function = getattr(package, known.note.split()[1])
+        assert sha in inspect.getsource(function) and known.name in inspect.getsource(function), known
+
+
+def test_known_copy_table_holds_the_shared_facts():
     table = (releases.ROOT.parent / "shared" / "data" / "known-releases.md")
     if not table.exists():
         pytest.skip(f"{table} not found")
     listed = set(__import__("re").findall(r"\b[0-9a-f]{64}\b", table.read_text()))
-    assert listed == set(known_releases.KNOWN_FILES)
+    assert listed and listed <= set(known_releases.KNOWN_FILES)
+    assert set(known_releases.KNOWN_FILES) - listed == {
+        sha for sha, f in known_releases.KNOWN_FILES.items() if f.note.endswith("copy (its checksum)")}
 
 
 def test_float_test_map_with_fractional_values_is_an_error(copies, tmp_path):

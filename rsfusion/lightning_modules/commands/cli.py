@@ -357,9 +357,13 @@ COMMANDS = {
     "export": (f"{_COMMANDS}.export", "a checkpoint as a torch.export/ONNX program that runs without rsfusion"),
     "evaluate": (f"{_COMMANDS}.evaluate", "score any classification map against a label raster (OA, AA, kappa, "
                                           "per class)"),
-    "compare": (f"{_COMMANDS}.compare", "train configs over seeds and tabulate OA/AA/kappa, parameters and times"),
+    "compare": (f"{_COMMANDS}.compare", "train configs over seeds and tabulate them; --study FILE: a whole study, "
+                                        "the papers' tables"),
     "sweep": (f"{_COMMANDS}.sweeps", "print the command one W&B sweep trial runs (check a sweep file offline)"),
     "bank": (f"{_COMMANDS}.bank", "BDGF stage 2 alone: build or find a config's diffusion feature bank"),
+    "datasets": (f"{_COMMANDS}.datasets", "the benchmarks: modalities, size, classes, licence, citations, source, "
+                                          "cache, configs"),
+    "download": (f"{_COMMANDS}.download", "fetch one benchmark with rs-fusion-datasets (checksums verified)"),
     "make-scene": ("rsfusion.datamodules.make_scene", "write a built-in synthetic scene's GeoTIFFs (another seed "
                                                       "or size)"),
 }

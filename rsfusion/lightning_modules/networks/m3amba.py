@@ -17,11 +17,15 @@ the task: :func:`rsfusion.lightning_modules.losses.m3amba_loss` and
 """
 
 import hashlib
+import logging
+import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import constants as hub_constants
 from transformers import CLIPVisionModelWithProjection
 from transformers.utils import cached_file
 
@@ -33,6 +37,8 @@ from rsfusion.lightning_modules.networks.ss2d import (
     resolve_dt_rank,
     vmamba_init_weights,
 )
+
+log = logging.getLogger(__name__)
 
 EXCHANGES = ("B", "C", "none")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -209,22 +215,56 @@ class ClassifierHead(nn.Module):
 
 
 def load_clip_vision_tower(clip_model="openai/clip-vit-base-patch32", clip_config=None):
-    """The CLIP image tower (``transformers.CLIPVisionModelWithProjection``), offline only.
+    """The CLIP image tower (``transformers.CLIPVisionModelWithProjection``).
 
     ``clip_config`` (a ``CLIPVisionConfig``) builds a randomly initialised tower (tests, meta-device
-    counting); otherwise ``clip_model`` is a local directory or a hub name already in the local
-    Hugging Face cache (``local_files_only=True``: no download ever happens here).
+    counting). Otherwise ``clip_model`` is a local directory, or a hub name: read from the Hugging Face
+    cache (``HF_HOME``), and on first use fetched into it when the machine is online (not under
+    ``HF_HUB_OFFLINE=1``), the download logged with its size and revision.
     """
     if clip_config is not None:
         return CLIPVisionModelWithProjection(clip_config)
     try:
         return CLIPVisionModelWithProjection.from_pretrained(clip_model, local_files_only=True)
     except OSError:
+        pass
+    if not _is_hub_name(clip_model) or _hub_offline():
+        why = "and HF_HUB_OFFLINE is set" if _is_hub_name(clip_model) else "(not a hub name: a missing directory)"
         raise FileNotFoundError(
-            f"CLIP weights {clip_model!r} not found locally: pass clip_model=<directory written by "
+            f"CLIP weights {clip_model!r} not found locally {why}: pass clip_model=<directory written by "
             f"save_pretrained>, or fill the Hugging Face cache beforehand "
             f"(`huggingface-cli download openai/clip-vit-base-patch32`), or pass clip_config= "
             f"for a randomly initialised tower") from None
+    fetch_from_hub(clip_model)
+    return CLIPVisionModelWithProjection.from_pretrained(clip_model, local_files_only=True)
+
+
+def _is_hub_name(name: str) -> bool:
+    """``org/name`` (or ``name``), not a filesystem path."""
+    return not Path(name).expanduser().is_absolute() and not name.startswith((".", "~")) and name.count("/") <= 1
+
+
+def _hub_offline() -> bool:
+    return hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def fetch_from_hub(repo: str) -> None:
+    """Download a tower's config and weights file into the Hugging Face cache, logging what, how big and where."""
+    try:
+        info = HfApi().model_info(repo, files_metadata=True)
+        sizes = {s.rfilename: s.size for s in info.siblings or []}
+        weights = next((name for name in WEIGHT_FILES if name in sizes), None)
+        if weights is None:
+            raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in the repository")
+        log.info("CLIP weights %s (revision %s): downloading config.json and %s (%.1f MiB) into %s", repo, info.sha,
+                 weights, (sizes[weights] or 0) / 2 ** 20, hub_constants.HF_HUB_CACHE)
+        for name in ("config.json", weights):
+            hf_hub_download(repo, name, revision=info.sha)
+    except Exception as err:  # noqa: BLE001 - connection, HTTP, repository and file errors of the hub client
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise FileNotFoundError(f"CLIP weights {repo!r}: not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) "
+                                f"and the hub download failed ({type(err).__name__}: {first}); set HF_HUB_OFFLINE=1 "
+                                "and fill the cache by hand, or pass clip_model=<local directory>") from None
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
