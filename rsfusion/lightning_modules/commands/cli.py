@@ -336,6 +336,29 @@ def quiet_known_noise() -> None:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropCloudTips) for f in log.filters):
             log.addFilter(_DropCloudTips())
+    show_rsfusion_log()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced after setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def show_rsfusion_log() -> None:
+    """rsfusion's own log (downloads, map files, W&B) on stderr at INFO, as Lightning shows its own."""
+    log = logging.getLogger("rsfusion")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def cli_kwargs() -> dict:

@@ -3,13 +3,13 @@ where it is, each file's SHA-256, and how to use it."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from rsfusion.datamodules.downloads import SOURCES, fetch
 from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.known_releases import identify, sha256_file
+from rsfusion.lightning_modules.commands.cli import show_rsfusion_log
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.name.lower() not in names:
         parser.error(f"unknown dataset {args.name!r}: rs-fusion-datasets fetches {', '.join(SOURCES)} (the others: "
                      "rsfusion datasets)")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_rsfusion_log()
     name = names[args.name.lower()]
     try:
         folder, record = fetch(name, args.root)

@@ -36,7 +36,7 @@ def _study(tmp_path: Path, *, epochs: int = 2, extra: list[str] = (), seeds=SEED
              "overrides": [f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=3",
                            "--trainer.enable_progress_bar=false", *extra]}
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
+    path.write_text(yaml.safe_dump(study, sort_keys=False))  # the models run in this order
     return path
 
 

@@ -16,14 +16,14 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 SCRIPT = r'''
-import json, logging, shutil, sys
+import json, logging, os, shutil, sys
 from pathlib import Path
 from types import SimpleNamespace
 from huggingface_hub import constants
 import rsfusion.lightning_modules.networks.m3amba as net
 
-tiny, mode, revision = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-calls = []
+tiny, revision, modes = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+calls, mode = [], None
 
 class FakeApi:
     def model_info(self, repo, files_metadata=False):
@@ -44,13 +44,19 @@ def fake_download(repo, filename, revision=None):
 
 net.HfApi, net.hf_hub_download = FakeApi, fake_download
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-try:
-    tower = net.load_clip_vision_tower("org/tiny-clip")
-except FileNotFoundError as err:
-    print(json.dumps({"error": str(err), "calls": calls}))
-else:
-    print(json.dumps({"calls": calls, "source": net.clip_weights_source("org/tiny-clip"),
-                      "params": sum(p.numel() for p in tower.parameters())}))
+for mode in modes:  # one load per mode, in this process (the hub libraries read HF_HOME once, at import)
+    calls.clear()
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    if mode == "offline":
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    print("=== " + mode, file=sys.stderr, flush=True)
+    try:
+        tower = net.load_clip_vision_tower("org/tiny-clip")
+    except FileNotFoundError as err:
+        print(json.dumps({"error": str(err), "calls": calls}))
+    else:
+        print(json.dumps({"calls": calls, "source": net.clip_weights_source("org/tiny-clip"),
+                          "params": sum(p.numel() for p in tower.parameters())}))
 '''
 
 
@@ -64,18 +70,22 @@ def tiny_clip(tmp_path_factory) -> tuple[Path, int]:
     return folder, sum(p.numel() for p in model.parameters())
 
 
-def _load(tiny: Path, hf_home: Path, mode: str = "online", **env) -> tuple[dict, str]:
+def _load(tiny: Path, hf_home: Path, *modes: str) -> list[tuple[dict, str]]:
+    """One fresh interpreter with HF_HOME = ``hf_home``, loading the tower once per mode: (result, log) each."""
     environment = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    environment.update(HF_HOME=str(hf_home), PYTHONWARNINGS="ignore", **env)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny), mode, REVISION], env=environment,
+    environment.update(HF_HOME=str(hf_home), PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny), REVISION, *modes], env=environment,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+    logs = out.stderr.split("=== ")[1:]
+    assert len(results) == len(logs) == len(modes), out.stderr[-3000:]
+    return list(zip(results, logs))
 
 
 def test_a_hub_name_is_fetched_once_into_hf_home_logged_with_its_size(tiny_clip, tmp_path):
     tiny, params = tiny_clip
-    first, log = _load(tiny, tmp_path / "hf")
+    (first, log), (again, log_again) = _load(tiny, tmp_path / "hf", "online", "online")
     size = (tiny / "model.safetensors").stat().st_size
     assert first["calls"] == [["model_info", "org/tiny-clip"],
                               ["download", "org/tiny-clip", "config.json", REVISION],
@@ -87,16 +97,14 @@ def test_a_hub_name_is_fetched_once_into_hf_home_logged_with_its_size(tiny_clip,
     sha = hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest()
     assert first["source"] == {"source": "org/tiny-clip", "file": "model.safetensors", "revision": REVISION,
                                "sha256": sha}  # what a checkpoint records
-    again, log = _load(tiny, tmp_path / "hf")
-    assert again["calls"] == [] and "downloading" not in log and again["source"] == first["source"]
+    assert again["calls"] == [] and "downloading" not in log_again and again["source"] == first["source"]
 
 
 def test_offline_or_unreachable_the_error_is_one_line(tiny_clip, tmp_path):
     tiny, _ = tiny_clip
-    offline, _ = _load(tiny, tmp_path / "empty", HF_HUB_OFFLINE="1")
+    (offline, _), (unreachable, _) = _load(tiny, tmp_path / "empty", "offline", "unreachable")
     assert offline["calls"] == [] and "\n" not in offline["error"]
     assert offline["error"].startswith("CLIP weights 'org/tiny-clip' not found locally and HF_HUB_OFFLINE is set: ")
-    unreachable, _ = _load(tiny, tmp_path / "empty", "unreachable")
     assert unreachable["error"] == (
         f"CLIP weights 'org/tiny-clip': not in the Hugging Face cache ({tmp_path / 'empty' / 'hub'}) and the hub "
         "download failed (ConnectionError: Max retries exceeded with url: /api/models/org/tiny-clip); set "
