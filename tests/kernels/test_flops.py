@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rsfusion.kernels import count_scan_flops, selective_scan, selective_scan_flops
+from rsfusion.kernels.flops import counting
 
 
 def _tiny_case():
@@ -45,7 +46,8 @@ def test_counting_ends_with_its_context():
     forward = _tiny_case()
     with torch.no_grad():
         with count_scan_flops():
-            pass
+            assert counting()
+        assert not counting()
         with FlopCounterMode(display=False) as counter:
             forward()
     assert counter.get_total_flops() == 48

@@ -16,6 +16,7 @@ the task: :func:`rsfusion.lightning_modules.losses.m3amba_loss` and
 :func:`rsfusion.lightning_modules.optim.no_weight_decay_groups`.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -224,10 +225,8 @@ def load_clip_vision_tower(clip_model="openai/clip-vit-base-patch32", clip_confi
     """
     if clip_config is not None:
         return CLIPVisionModelWithProjection(clip_config)
-    try:
+    with contextlib.suppress(OSError):  # not in the cache (or not a directory): fetched below, or refused
         return CLIPVisionModelWithProjection.from_pretrained(clip_model, local_files_only=True)
-    except OSError:
-        pass
     if not _is_hub_name(clip_model) or _hub_offline():
         why = "and HF_HUB_OFFLINE is set" if _is_hub_name(clip_model) else "(not a hub name: a missing directory)"
         raise FileNotFoundError(

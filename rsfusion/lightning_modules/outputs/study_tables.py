@@ -215,7 +215,8 @@ def maps_figure(stem: Path, runs: dict[str, list[SeedRun]]) -> list[Path]:
             panels.append((f"{model}\nOA {100 * run.result['metrics']['OA']:.2f} % (seed {run.seed})", src.read(1)))
     h, w = panels[0][1].shape
     side = 3.2
-    fig = Figure(figsize=(side * len(panels) + 2, side * h / w + 0.8), dpi=150)
+    legend = 1.3  # inches on the right for the shared legend
+    fig = Figure(figsize=(side * len(panels) + legend, side * h / w + 0.8), dpi=150)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, classes) in zip(axes, panels):
         ax.imshow(colours[np.clip(classes, 0, len(names))], interpolation="nearest")
@@ -223,7 +224,7 @@ def maps_figure(stem: Path, runs: dict[str, list[SeedRun]]) -> list[Path]:
         ax.set_axis_off()
     handles = [Patch(facecolor=colours[k + 1] / 255, edgecolor="k", label=n) for k, n in enumerate(names)]
     fig.legend(handles=handles, loc="center right", frameon=False, fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (side * len(panels) + 2), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend / (side * len(panels) + legend), 1))
     paths = []
     for suffix in ("png", "pdf"):
         path = stem.with_suffix(f".{suffix}")
