@@ -82,18 +82,20 @@ def test_ddp_bdgf_stage_one_outlasts_the_process_group_timeout(tmp_path):
     cache = tmp_path / "cache"
     config = _tiny_synthetic_config(tmp_path, cache)
     options = yaml.safe_load(config.read_text())
-    # ~19 s of stage 1 on an idle 2-core machine (8 s per 300 steps), longer under load: always past
-    # the 12 s timeout, which still leaves the start-up rendezvous room
+    # The timeout also bounds the start-up rendezvous: rank 1 must import lightning, parse the config and
+    # build the model within it (~10 s on an idle 2-core machine; 12 s proved too short with the machine
+    # loaded twice over). ~40 s of stage 1 idle (1050 steps took 60.5 s), longer under load: always past
+    # the 25 s timeout.
     options["model"]["init_args"].update(pretrain_steps=700, pretrain_batch_size=8)
     config.write_text(yaml.safe_dump(options))
-    strategy = '{class_path: lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: "0:00:12", ' \
+    strategy = '{class_path: lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: "0:00:25", ' \
                'process_group_backend: gloo}}'
     fit = _lightning(["fit", "--config", str(config), "--trainer.strategy", strategy, "--trainer.devices", "2",
                       "--trainer.accelerator", "cpu"], tmp_path)
     stage1 = re.search(r"BDGF stage 1: 700 steps done on 2 process\(es\) in ([0-9.]+) s "
-                       r"\(process-group timeout 0:00:12\)", fit.stderr)
+                       r"\(process-group timeout 0:00:25\)", fit.stderr)
     assert stage1 is not None, fit.stderr[-3000:]
-    assert float(stage1.group(1)) > 12, stage1.group(0)  # longer than the timeout: a waiting rank would have failed
+    assert float(stage1.group(1)) > 25, stage1.group(0)  # longer than the timeout: a waiting rank would have failed
     # both ranks trained (neither read the other's cache), extracted the bank themselves; rank 0 wrote both
     ranks = sorted(line[line.index("BDGF rank"):] for line in fit.stderr.splitlines() if "BDGF rank" in line)
     assert ranks == ["BDGF rank 0: DDPM built, bank built", "BDGF rank 1: DDPM built, bank built"], fit.stderr[-3000:]
