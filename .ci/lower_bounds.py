@@ -22,5 +22,7 @@ for requirement in requirements:
     lower = re.search(r">=\s*([0-9][^,;\s]*)", requirement)
     if lower is None:
         sys.exit(f"{requirement!r} declares no lower bound")
+    if not re.search(r"<\s*[0-9]", requirement):
+        sys.exit(f"{requirement!r} declares no upper bound (a release that does not exist yet is untested)")
     pins[name] = lower.group(1)
 print("\n".join(f"{name}=={version}" for name, version in sorted(pins.items())))
