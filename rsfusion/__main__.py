@@ -1,3 +1,3 @@
-from rsfusion.lightning_modules.commands.cli import main
+from rsfusion.lightning_modules.commands.entry import main
 
 main()

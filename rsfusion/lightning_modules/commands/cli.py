@@ -22,6 +22,7 @@ from rsfusion.datamodules.errors import InputError
 from rsfusion.datamodules.io import read_header
 from rsfusion.datamodules.raster import RasterDataModule
 from rsfusion.lightning_modules.base import FusionClassifier, FusionTask
+from rsfusion.lightning_modules.commands import EXTRA_HELP, run_subcommand
 from rsfusion.lightning_modules.outputs.callbacks import default_callbacks
 from rsfusion.lightning_modules.outputs.inference import ensure_inference_precision
 from rsfusion.lightning_modules.outputs.maps import ClassificationMapWriter, ensure_map_writer
@@ -371,33 +372,11 @@ def cli_kwargs() -> dict:
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "yaml"})
 
 
-# ``rsfusion <command>`` besides LightningCLI's fit/validate/test/predict: their own entry points,
-# dispatched before LightningCLI parses: (module with a main(argv), what it does)
-_COMMANDS = "rsfusion.lightning_modules.commands"
-COMMANDS = {
-    "export": (f"{_COMMANDS}.export", "a checkpoint as a torch.export/ONNX program that runs without rsfusion"),
-    "evaluate": (f"{_COMMANDS}.evaluate", "score any classification map against a label raster (OA, AA, kappa, "
-                                          "per class)"),
-    "compare": (f"{_COMMANDS}.compare", "train configs over seeds and tabulate them; --study FILE: a whole study, "
-                                        "the papers' tables"),
-    "sweep": (f"{_COMMANDS}.sweeps", "print the command one W&B sweep trial runs (check a sweep file offline)"),
-    "bank": (f"{_COMMANDS}.bank", "BDGF stage 2 alone: build or find a config's diffusion feature bank"),
-    "datasets": (f"{_COMMANDS}.datasets", "the benchmarks: modalities, size, classes, licence, citations, source, "
-                                          "cache, configs"),
-    "download": (f"{_COMMANDS}.download", "fetch one benchmark with rs-fusion-datasets (checksums verified)"),
-    "make-scene": ("rsfusion.datamodules.make_scene", "write a built-in synthetic scene's GeoTIFFs (another seed "
-                                                      "or size)"),
-}
-EXTRA_HELP = "more commands (each with --help): " + "; ".join(
-    f"'rsfusion {name}' {what}" for name, (_, what) in COMMANDS.items())
-
-
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning`` and ``rsfusion`` console scripts (``python -m rsfusion.lightning_modules``)."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
-        module = importlib.import_module(COMMANDS[argv[0]][0])
-        module.main(argv[1:])
+    """``rsfusion`` with Lightning imported: a subcommand of ``COMMANDS``, or LightningCLI (the console
+    scripts start at :func:`rsfusion.lightning_modules.commands.entry.main`, which imports this module only
+    for the commands that need it)."""
+    if run_subcommand(sys.argv[1:] if args is None else list(args)):
         return
     kwargs = cli_kwargs()
     kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "epilog": EXTRA_HELP,
